@@ -1,0 +1,49 @@
+"""The event-bus port: how state changes reach this process, and the contract every adapter keeps.
+
+Contract (every adapter documents how it meets it):
+- Subscription is by username (the owner of an account, as in James's routing key
+  `AccountIdRegistrationKey:<username>`). The hub calls `subscribe(u)` when the first local session needs u's
+  events and `unsubscribe(u)` after the last such session has gone; calls are not counted by the bus, the hub
+  keeps the reference count. An adapter may delay the real unbind to absorb reconnects.
+- Delivery: `handler(events)` is called on the event loop thread, synchronously, with events in the order the
+  bus received them; events of one username keep their publish order. The handler never awaits and does not fail
+  (the hub takes the events or drops them for lack of subscribers).
+- A bus may lose events while it is disconnected (a gap). It then calls `on_gap()` once it is back, and the hub
+  re-sends every push-enabled session what it may have missed, from the current states. A bus without gaps
+  (memory) never calls it.
+- `publish(events)` returns once the bus has accepted them (for RabbitMQ: publisher confirms). Every subscriber of
+  a username on every node receives each published event exactly once while connected.
+- `ready` is False while the bus cannot deliver (e.g. the broker is away); `/readyz` reports it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Protocol
+
+from gateway.bus.events import StateChangeEvent
+
+EventHandler = Callable[[Sequence[StateChangeEvent]], None]
+GapHandler = Callable[[], None]
+
+
+class Bus(Protocol):
+    """A source and sink of StateChangeEvents shared by all gateway nodes (or just this process)."""
+
+    @property
+    def ready(self) -> bool: ...
+
+    async def start(self, handler: EventHandler, on_gap: GapHandler) -> None:
+        """Connect and begin delivering events of subscribed usernames to `handler`."""
+
+    async def stop(self) -> None:
+        """Stop delivering, release broker resources (this node's queue), close connections."""
+
+    def subscribe(self, username: str) -> None:
+        """Begin receiving `username`'s events on this node (idempotent)."""
+
+    def unsubscribe(self, username: str) -> None:
+        """Stop receiving `username`'s events on this node (idempotent; may be delayed)."""
+
+    async def publish(self, events: Sequence[StateChangeEvent]) -> None:
+        """Publish events to every node subscribed to their usernames."""

@@ -1,0 +1,89 @@
+"""Apache James's `StateChangeEvent` wire format (DESIGN.md §5) and its codec. No I/O here.
+
+A body is one JSON object or an array of them:
+`{"type":"org.apache.james.jmap.change.StateChangeEvent","eventId":"<uuid>","username":"bob@domain.tld",
+"typeStates":{"Mailbox":"<state>","Email":"<state>",...}}`. Older James versions write the states as
+`mailboxState` / `emailState` / `vacationResponseState` / `emailDeliveryState` instead of `typeStates`.
+Unknown type names inside `typeStates` are kept as they are (custom data types exist).
+"""
+
+from __future__ import annotations
+
+import uuid
+from typing import Any
+
+import msgspec
+
+STATE_CHANGE_EVENT = "org.apache.james.jmap.change.StateChangeEvent"
+
+_LEGACY_FIELDS = {
+    "mailboxState": "Mailbox",
+    "emailState": "Email",
+    "vacationResponseState": "VacationResponse",
+    "emailDeliveryState": "EmailDelivery",
+}
+
+
+class StateChangeEvent(msgspec.Struct, frozen=True, gc=False):
+    """One account's new states: `username` owns the account; `typeStates` maps type name -> state."""
+
+    username: str
+    typeStates: dict[str, str]
+    eventId: str = ""
+    type: str = STATE_CHANGE_EVENT
+
+
+class EventDecodeError(ValueError):
+    """The body is not a StateChangeEvent or an array of them (a poison message)."""
+
+
+class _WireEvent(msgspec.Struct):
+    type: str
+    username: str
+    eventId: str = ""
+    typeStates: dict[str, str] | None = None
+    mailboxState: str | None = None
+    emailState: str | None = None
+    vacationResponseState: str | None = None
+    emailDeliveryState: str | None = None
+
+
+_decoder = msgspec.json.Decoder(_WireEvent | list[_WireEvent])
+_encoder = msgspec.json.Encoder()
+
+
+def _from_wire(w: _WireEvent) -> StateChangeEvent:
+    if w.type != STATE_CHANGE_EVENT:
+        raise EventDecodeError(f"unknown event type {w.type!r}")
+    if not w.username:
+        raise EventDecodeError("empty username")
+    states: dict[str, str] = dict(w.typeStates) if w.typeStates is not None else {}
+    if w.typeStates is None:
+        for field, type_name in _LEGACY_FIELDS.items():
+            value = getattr(w, field)
+            if value is not None:
+                states[type_name] = value
+    return StateChangeEvent(username=w.username, typeStates=states, eventId=w.eventId or str(uuid.uuid4()))
+
+
+def decode_events(body: bytes | bytearray | memoryview) -> list[StateChangeEvent]:
+    """Decode one event or an array of events; raise EventDecodeError for anything else."""
+    try:
+        decoded: Any = _decoder.decode(body)
+    except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+        raise EventDecodeError(str(exc)) from None
+    items = decoded if isinstance(decoded, list) else [decoded]
+    return [_from_wire(w) for w in items]
+
+
+def encode_event(event: StateChangeEvent) -> bytes:
+    """The body James writes for one event (always with `typeStates`)."""
+    return _encoder.encode(event)
+
+
+def encode_events(events: list[StateChangeEvent]) -> bytes:
+    return _encoder.encode(events[0] if len(events) == 1 else events)
+
+
+def new_event(username: str, type_states: dict[str, str]) -> StateChangeEvent:
+    return StateChangeEvent(username=username, typeStates=type_states, eventId=str(uuid.uuid4()))

@@ -1,0 +1,45 @@
+"""The embedded in-process bus (GATEWAY_BUS=memory): publish delivers synchronously to this process's hub.
+
+It meets the port's contract trivially: no gaps, publish order is delivery order, always ready. Only events for
+subscribed usernames are handed on, exactly as a broker with per-node bindings would do.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from gateway.bus.base import EventHandler, GapHandler
+from gateway.bus.events import StateChangeEvent
+
+
+class MemoryBus:
+    def __init__(self) -> None:
+        self._handler: EventHandler | None = None
+        self._subscribed: set[str] = set()
+
+    @property
+    def ready(self) -> bool:
+        return self._handler is not None
+
+    async def start(self, handler: EventHandler, on_gap: GapHandler) -> None:
+        self._handler = handler
+
+    async def stop(self) -> None:
+        self._handler = None
+
+    def subscribe(self, username: str) -> None:
+        self._subscribed.add(username)
+
+    def unsubscribe(self, username: str) -> None:
+        self._subscribed.discard(username)
+
+    def is_subscribed(self, username: str) -> bool:
+        return username in self._subscribed
+
+    async def publish(self, events: Sequence[StateChangeEvent]) -> None:
+        handler = self._handler
+        if handler is None:
+            return
+        wanted = [e for e in events if e.username in self._subscribed]
+        if wanted:
+            handler(wanted)

@@ -1,0 +1,223 @@
+"""Every GATEWAY_* setting in one typed place, parsed and validated from the environment at start-up.
+
+No I/O beyond reading the mapping it is given. A bad value raises `ConfigError`, which the CLI turns into one
+line on stderr naming the variable, the value and what is allowed, and exit status 2.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+from urllib.parse import urlsplit
+
+
+class ConfigError(ValueError):
+    """A setting has a value that is not allowed."""
+
+    def __init__(self, name: str, value: str, allowed: str) -> None:
+        super().__init__(f"{name}={value!r} is invalid: expected {allowed}")
+        self.name = name
+        self.value = value
+        self.allowed = allowed
+
+
+# --- parsers: each takes the raw string and returns the value, or raises ValueError(allowed) -------------
+
+def _int(lo: int, hi: int) -> Callable[[str], int]:
+    def parse(raw: str) -> int:
+        try:
+            v = int(raw)
+        except ValueError:
+            raise ValueError(f"an integer from {lo} to {hi}") from None
+        if not lo <= v <= hi:
+            raise ValueError(f"an integer from {lo} to {hi}")
+        return v
+
+    return parse
+
+
+def _float(lo: float, hi: float) -> Callable[[str], float]:
+    def parse(raw: str) -> float:
+        try:
+            v = float(raw)
+        except ValueError:
+            raise ValueError(f"a number from {lo:g} to {hi:g}") from None
+        if not lo <= v <= hi or v != v:
+            raise ValueError(f"a number from {lo:g} to {hi:g}")
+        return v
+
+    return parse
+
+
+def _bool(raw: str) -> bool:
+    v = raw.strip().lower()
+    if v in ("1", "true", "yes", "on"):
+        return True
+    if v in ("0", "false", "no", "off"):
+        return False
+    raise ValueError("one of true/false, 1/0, yes/no, on/off")
+
+
+def _choice(*options: str) -> Callable[[str], str]:
+    def parse(raw: str) -> str:
+        v = raw.strip().lower()
+        if v not in options:
+            raise ValueError("one of " + ", ".join(options))
+        return v
+
+    return parse
+
+
+def _str(raw: str) -> str:
+    return raw
+
+
+def _optional_str(raw: str) -> str | None:
+    return raw or None
+
+
+def _url(*schemes: str) -> Callable[[str], str | None]:
+    def parse(raw: str) -> str | None:
+        if not raw:
+            return None
+        parts = urlsplit(raw)
+        if parts.scheme not in schemes or not parts.netloc:
+            raise ValueError("an absolute URL with scheme " + " or ".join(schemes))
+        return raw.rstrip("/")
+
+    return parse
+
+
+def _users(raw: str) -> tuple[tuple[str, str], ...]:
+    users: list[tuple[str, str]] = []
+    for item in raw.split(","):
+        item = item.strip()
+        if not item:
+            continue
+        name, sep, password = item.partition(":")
+        if not sep or not name or not password:
+            raise ValueError("comma-separated username:password pairs")
+        users.append((name, password))
+    return tuple(users)
+
+
+def _log_level(raw: str) -> str:
+    v = raw.strip().upper()
+    if v not in ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"):
+        raise ValueError("one of DEBUG, INFO, WARNING, ERROR, CRITICAL")
+    return v
+
+
+@dataclass(frozen=True)
+class Spec:
+    """How one environment variable is read: its name, parser, default (as the raw string) and meaning."""
+
+    name: str
+    attr: str
+    parse: Callable[[str], Any]
+    default: str
+    help: str
+
+
+# The table the README mirrors (tests/unit/test_config.py checks that every name here is documented there).
+SPECS: tuple[Spec, ...] = (
+    Spec("GATEWAY_HOST", "host", _str, "127.0.0.1", "Address to listen on."),
+    Spec("GATEWAY_PORT", "port", _int(0, 65535), "8080", "TCP port for HTTP and WebSocket (0 = any free port)."),
+    Spec("GATEWAY_PUBLIC_URL", "public_url", _url("http", "https"), "",
+         "Base URL clients reach the gateway at; absolute URLs in the session resource derive from it "
+         "(default `http://<host>:<port>`; `https` yields `wss://`)."),
+    Spec("GATEWAY_LOG_LEVEL", "log_level", _log_level, "INFO", "Log level."),
+    Spec("GATEWAY_REQUIRE_NATIVE", "require_native", _bool, "false",
+         "Refuse to start unless the compiled (Cython) hot path is importable."),
+    Spec("GATEWAY_USERS", "users", _users, "bob@example.com:bob,alice@example.com:alice",
+         "Embedded directory: comma-separated `username:password` pairs for Basic authentication."),
+    Spec("GATEWAY_JWT_SECRET", "jwt_secret", _optional_str, "",
+         "HS256 secret for Bearer JWTs (the username is `sub`). Unset = HS256 off."),
+    Spec("GATEWAY_JWT_PUBLIC_KEY", "jwt_public_key", _optional_str, "",
+         "Path to a PEM public key for RS256/ES256 Bearer JWTs. Unset = off."),
+    Spec("GATEWAY_TICKET_TTL", "ticket_ttl", _float(1, 3600), "60",
+         "Seconds a one-time WebSocket ticket (`POST /jmap/ws/ticket`) stays valid."),
+    Spec("GATEWAY_REQUIRE_SUBPROTOCOL", "require_subprotocol", _bool, "true",
+         "Require `jmap` in `Sec-WebSocket-Protocol` (HTTP 400 without it); false accepts such clients "
+         "without echoing a subprotocol."),
+    Spec("GATEWAY_MAX_SIZE_REQUEST", "max_size_request", _int(1024, 1 << 30), "10000000",
+         "`maxSizeRequest` advertised in the session (bytes of one JMAP request)."),
+    Spec("GATEWAY_MAX_MESSAGE_BYTES", "max_message_bytes", _int(0, 1 << 30), "0",
+         "Largest WebSocket message accepted after reassembly (and inflation); larger closes with 1009. "
+         "0 = `GATEWAY_MAX_SIZE_REQUEST`."),
+    Spec("GATEWAY_MAX_CALLS_IN_REQUEST", "max_calls_in_request", _int(1, 10000), "32",
+         "`maxCallsInRequest`: method calls allowed in one request."),
+    Spec("GATEWAY_MAX_CONCURRENT_REQUESTS", "max_concurrent_requests", _int(1, 10000), "8",
+         "`maxConcurrentRequests`: requests in flight per connection (and per HTTP user)."),
+    Spec("GATEWAY_MAX_OBJECTS_IN_GET", "max_objects_in_get", _int(1, 1_000_000), "500",
+         "`maxObjectsInGet` advertised in the session."),
+    Spec("GATEWAY_MAX_OBJECTS_IN_SET", "max_objects_in_set", _int(1, 1_000_000), "500",
+         "`maxObjectsInSet` advertised in the session."),
+    Spec("GATEWAY_MAX_SIZE_UPLOAD", "max_size_upload", _int(0, 1 << 40), "50000000",
+         "`maxSizeUpload` advertised in the session."),
+    Spec("GATEWAY_MAX_CONCURRENT_UPLOAD", "max_concurrent_upload", _int(1, 1000), "4",
+         "`maxConcurrentUpload` advertised in the session."),
+)
+
+
+@dataclass(frozen=True)
+class Settings:
+    """The validated configuration of one gateway process."""
+
+    host: str = "127.0.0.1"
+    port: int = 8080
+    public_url: str | None = None
+    log_level: str = "INFO"
+    require_native: bool = False
+    users: tuple[tuple[str, str], ...] = ()
+    jwt_secret: str | None = None
+    jwt_public_key: str | None = None
+    ticket_ttl: float = 60.0
+    require_subprotocol: bool = True
+    max_size_request: int = 10_000_000
+    max_message_bytes: int = 0
+    max_calls_in_request: int = 32
+    max_concurrent_requests: int = 8
+    max_objects_in_get: int = 500
+    max_objects_in_set: int = 500
+    max_size_upload: int = 50_000_000
+    max_concurrent_upload: int = 4
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def message_limit(self) -> int:
+        """The effective per-message byte limit (GATEWAY_MAX_MESSAGE_BYTES, defaulting to maxSizeRequest)."""
+        return self.max_message_bytes or self.max_size_request
+
+    def base_url(self, port: int | None = None) -> str:
+        """Public base URL without a trailing slash; `port` is the bound port when GATEWAY_PORT was 0."""
+        if self.public_url:
+            return self.public_url
+        return f"http://{self.host}:{port if port is not None else self.port}"
+
+    def replace(self, **changes: Any) -> Settings:
+        return dataclasses.replace(self, **changes)
+
+
+def load(env: Mapping[str, str]) -> Settings:
+    """Read every setting from `env` (defaults where unset); raise ConfigError on the first bad value."""
+    values: dict[str, Any] = {}
+    for spec in SPECS:
+        raw = env.get(spec.name)
+        if raw is None:
+            raw = spec.default
+        try:
+            values[spec.attr] = spec.parse(raw)
+        except ValueError as exc:
+            raise ConfigError(spec.name, raw, str(exc)) from None
+    settings = Settings(**values)
+    if settings.jwt_public_key is not None:
+        try:
+            with open(settings.jwt_public_key, "rb") as fh:
+                fh.read(1)
+        except OSError:
+            raise ConfigError("GATEWAY_JWT_PUBLIC_KEY", settings.jwt_public_key,
+                              "the path of a readable PEM public key") from None
+    return settings

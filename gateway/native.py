@@ -1,0 +1,54 @@
+"""Chooses between the compiled hot-path modules and their pure-Python twins, and says which one runs.
+
+Convention: native module `gateway._<name>` (built from `native/gateway/_<name>.pyx`) and its twin
+`gateway._<name>_py` expose the same API. Nothing falls back silently: the choice is logged, exported in
+`/metrics`, and `GATEWAY_REQUIRE_NATIVE=1` makes a missing native module fatal.
+"""
+
+from __future__ import annotations
+
+import importlib
+from types import ModuleType
+
+NATIVE_MODULES: tuple[str, ...] = ("_coalesce", "_deflate", "_broadcast")
+
+
+class NativeMissing(RuntimeError):
+    """A compiled module is required but cannot be imported."""
+
+
+def load(name: str, *, native: bool = True) -> ModuleType:
+    """The native module `gateway.<name>` when `native` and importable, else its twin `gateway.<name>_py`."""
+    if native:
+        try:
+            return importlib.import_module(f"gateway.{name}")
+        except ImportError:
+            pass
+    return importlib.import_module(f"gateway.{name}_py")
+
+
+def is_native(module: ModuleType) -> bool:
+    return not module.__name__.endswith("_py")
+
+
+def status() -> dict[str, bool]:
+    """Which native modules import on this machine (only modules whose twin exists are considered)."""
+    result: dict[str, bool] = {}
+    for name in NATIVE_MODULES:
+        try:
+            importlib.import_module(f"gateway.{name}_py")
+        except ImportError:
+            continue
+        try:
+            importlib.import_module(f"gateway.{name}")
+            result[name] = True
+        except ImportError:
+            result[name] = False
+    return result
+
+
+def require_all() -> None:
+    missing = [name for name, ok in status().items() if not ok]
+    if missing:
+        raise NativeMissing("compiled modules missing: " + ", ".join(f"gateway.{m}" for m in missing)
+                            + " (build them with `make native`)")
