@@ -159,6 +159,48 @@ SPECS: tuple[Spec, ...] = (
          "`maxSizeUpload` advertised in the session."),
     Spec("GATEWAY_MAX_CONCURRENT_UPLOAD", "max_concurrent_upload", _int(1, 1000), "4",
          "`maxConcurrentUpload` advertised in the session."),
+    # --- push fan-out ---
+    Spec("GATEWAY_BUS", "bus", _choice("memory", "amqp"), "memory",
+         "Event bus: `memory` (in-process, embedded default) or `amqp` (RabbitMQ, Apache James's format)."),
+    Spec("GATEWAY_ADMIN_TOKEN", "admin_token", _optional_str, "",
+         "Bearer token for `/admin/*` (event injection, delegations). Unset = admin endpoints disabled."),
+    Spec("GATEWAY_MAX_CONNECTIONS_PER_USER", "max_connections_per_user", _int(1, 1_000_000), "64",
+         "WebSockets one user may hold on this process; the next upgrade gets HTTP 429."),
+    Spec("GATEWAY_PING_INTERVAL", "ping_interval", _float(0, 86400), "30",
+         "Seconds of silence after which the server pings a socket (0 = no pings)."),
+    Spec("GATEWAY_PING_TIMEOUT", "ping_timeout", _float(0.05, 3600), "10",
+         "Seconds to wait for the pong before closing the socket."),
+    Spec("GATEWAY_PUSH_COALESCE_MS", "push_coalesce_ms", _int(0, 60_000), "0",
+         "Merge a session's StateChanges within this window into one (0 = push at once)."),
+    Spec("GATEWAY_SLOW_CLIENT_TIMEOUT", "slow_client_timeout", _float(0.1, 86400), "30",
+         "Seconds a socket may stay paused (write buffer over its high-water mark) before it is closed with 1013."),
+    Spec("GATEWAY_SLOW_CLIENT_MAX_BYTES", "slow_client_max_bytes", _int(1024, 1 << 34), "4194304",
+         "Bytes of responses a paused socket may have buffered before it is closed with 1013."),
+    Spec("GATEWAY_WRITE_HIGH_WATER", "write_high_water", _int(1024, 1 << 30), "65536",
+         "Write-buffer high-water mark per socket (bytes); above it the socket counts as paused."),
+    Spec("GATEWAY_SHUTDOWN_GRACE", "shutdown_grace", _float(0, 3600), "10",
+         "Seconds SIGTERM/SIGINT waits for in-flight requests before closing every socket with 1001."),
+    # --- RabbitMQ bus ---
+    Spec("GATEWAY_AMQP_URL", "amqp_url", _url("amqp", "amqps"), "amqp://guest:guest@127.0.0.1:5672/",
+         "RabbitMQ URL (GATEWAY_BUS=amqp)."),
+    Spec("GATEWAY_AMQP_EXCHANGE", "amqp_exchange", _str, "jmapEvent-exchange",
+         "Direct, durable exchange of James's JMAP event bus (declared if absent)."),
+    Spec("GATEWAY_AMQP_PREFETCH", "amqp_prefetch", _int(1, 65535), "256",
+         "Unacknowledged messages the node's consumer may hold."),
+    Spec("GATEWAY_AMQP_HEARTBEAT", "amqp_heartbeat", _int(0, 3600), "30", "AMQP heartbeat in seconds (0 = off)."),
+    Spec("GATEWAY_AMQP_CONNECTION_NAME", "amqp_connection_name", _str, "jmap-push-gateway",
+         "Connection name shown in the RabbitMQ management UI (the node id is appended)."),
+    Spec("GATEWAY_AMQP_QUEUE_TYPE", "amqp_queue_type", _choice("classic", "quorum"), "classic",
+         "`x-queue-type` of the node's queue."),
+    Spec("GATEWAY_AMQP_UNBIND_DELAY", "amqp_unbind_delay", _float(0, 3600), "5",
+         "Seconds to keep a username's binding after its last local session left (absorbs reconnects)."),
+    Spec("GATEWAY_WORKERS", "workers", _int(1, 256), "1",
+         "Worker processes sharing the port (SO_REUSEPORT), each its own bus node."),
+    # --- embedded mail backend ---
+    Spec("GATEWAY_DATA_DIR", "data_dir", _str, "./data", "Directory of the embedded backend's data."),
+    Spec("GATEWAY_DB", "db", _str, "", "SQLite database path (`:memory:` allowed); default `<GATEWAY_DATA_DIR>/mail.sqlite3`."),
+    Spec("GATEWAY_SMTP_HOST", "smtp_host", _str, "127.0.0.1", "Address of the embedded SMTP listener."),
+    Spec("GATEWAY_SMTP_PORT", "smtp_port", _int(0, 65535), "2525", "Port of the embedded SMTP listener (0 = off)."),
 )
 
 
@@ -184,12 +226,39 @@ class Settings:
     max_objects_in_set: int = 500
     max_size_upload: int = 50_000_000
     max_concurrent_upload: int = 4
+    bus: str = "memory"
+    admin_token: str | None = None
+    max_connections_per_user: int = 64
+    ping_interval: float = 30.0
+    ping_timeout: float = 10.0
+    push_coalesce_ms: int = 0
+    slow_client_timeout: float = 30.0
+    slow_client_max_bytes: int = 4 * 1024 * 1024
+    write_high_water: int = 65536
+    shutdown_grace: float = 10.0
+    amqp_url: str | None = "amqp://guest:guest@127.0.0.1:5672"
+    amqp_exchange: str = "jmapEvent-exchange"
+    amqp_prefetch: int = 256
+    amqp_heartbeat: int = 30
+    amqp_connection_name: str = "jmap-push-gateway"
+    amqp_queue_type: str = "classic"
+    amqp_unbind_delay: float = 5.0
+    workers: int = 1
+    data_dir: str = "./data"
+    db: str = ""
+    smtp_host: str = "127.0.0.1"
+    smtp_port: int = 2525
     extra: dict[str, Any] = field(default_factory=dict)
 
     @property
     def message_limit(self) -> int:
         """The effective per-message byte limit (GATEWAY_MAX_MESSAGE_BYTES, defaulting to maxSizeRequest)."""
         return self.max_message_bytes or self.max_size_request
+
+    @property
+    def db_path(self) -> str:
+        """GATEWAY_DB, defaulting to a file under GATEWAY_DATA_DIR."""
+        return self.db or f"{self.data_dir.rstrip('/')}/mail.sqlite3"
 
     def base_url(self, port: int | None = None) -> str:
         """Public base URL without a trailing slash; `port` is the bound port when GATEWAY_PORT was 0."""

@@ -1,0 +1,351 @@
+"""The composition root: builds every part of one gateway process from its Settings and wires them together.
+
+Data flows one way: socket -> front protocol -> Connection -> JmapSession -> request path; and bus -> hub ->
+broadcast -> sockets. Nothing here is a module-level singleton; tests build as many gateways as they like.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import uuid
+from collections.abc import Iterator
+from typing import Any
+
+from aiohttp import web
+from picows import WSAutoPingStrategy, WSUpgradeResponse, WSUpgradeResponseWithListener
+from picows.picows import WSProtocol
+
+from gateway import native
+from gateway.auth import Authenticator
+from gateway.bus.base import Bus
+from gateway.bus.memory import MemoryBus
+from gateway.config import Settings
+from gateway.directory import Directory, Principal
+from gateway.errors import Close, HTTPProblem, RequestLevelError
+from gateway.fanout.hub import Hub
+from gateway.jmap.types import CORE, WEBSOCKET
+from prometheus_client.core import GaugeMetricFamily
+
+from gateway.metrics import Metrics, counter, gauge
+from gateway.session import EnablePush, Run
+from gateway.transport.front import FrontProtocol, RequestHead
+from gateway.transport.http import build_app
+from gateway.transport.timers import TimerWheel
+from gateway.transport.ws import Connection
+from gateway.upstream.base import RequestPath
+from gateway.upstream.core import CoreOnly
+
+log = logging.getLogger(__name__)
+SERVER_FAIL = "urn:ietf:params:jmap:error:serverFail"
+
+
+class _PicowsLog(logging.LoggerAdapter):  # type: ignore[type-arg]
+    """A logger-like object, so picows does not create a child Logger per connection (idle memory)."""
+
+
+class Gateway:
+    def __init__(self, settings: Settings, *, request_path: RequestPath | None = None, bus: Bus | None = None,
+                 directory: Directory | None = None, node_id: str | None = None) -> None:
+        self.settings = settings
+        self.node_id = node_id or uuid.uuid4().hex
+        self.directory = directory or Directory(settings.users)
+        self.metrics = Metrics()
+        self.auth = Authenticator(settings, self.directory)
+        self.bus: Bus = bus or self._make_bus()
+        self.request_path: RequestPath = request_path or CoreOnly()
+        self.coalesce = native.load("_coalesce", native=True)
+        self.broadcast = native.load("_broadcast", native=True)
+        self.hub = Hub(self.bus, self.request_path.current_states, self.broadcast,
+                       coalesce_ms=settings.push_coalesce_ms, compress=None)
+        self.hub.stats.fanout_seconds = self.metrics.fanout.observe
+        self.supported_capabilities: frozenset[str] = frozenset({CORE, WEBSOCKET, *self.request_path.capabilities})
+        self.connections: set[Connection] = set()
+        self._per_user: dict[str, int] = {}
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._server: asyncio.Server | None = None
+        self._runner: web.AppRunner | None = None
+        self._wheel: TimerWheel | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._ws_paths = frozenset({"/jmap/ws"})
+        self._picows_log = _PicowsLog(logging.getLogger("picows.server"), {})
+        self.port: int = settings.port
+        self.directory.add_listener(self._on_delegation)
+        self.metrics.add_callback(self._collect)
+
+    def _make_bus(self) -> Bus:
+        if self.settings.bus == "amqp":
+            from gateway.bus.amqp import AmqpBus  # imported only when used
+
+            return AmqpBus(self.settings, self.node_id)  # type: ignore[no-any-return]
+        return MemoryBus()
+
+    @property
+    def loop(self) -> asyncio.AbstractEventLoop:
+        assert self._loop is not None
+        return self._loop
+
+    # --- lifecycle -----------------------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._wheel = TimerWheel(self._loop)
+        await self.request_path.start()
+        await self.bus.start(self.hub.on_events, self.hub.on_gap)
+        self._runner = web.AppRunner(build_app(self), access_log=None, handle_signals=False)
+        await self._runner.setup()
+        http_factory = self._runner.server
+        assert http_factory is not None
+        self._server = await self._loop.create_server(
+            lambda: FrontProtocol(self._ws_paths, self._accept_websocket, http_factory, self._track),
+            self.settings.host, self.settings.port, reuse_port=self.settings.workers > 1, backlog=4096)
+        self.port = self._server.sockets[0].getsockname()[1]
+        log.info("listening on %s:%d (coalescer: %s, broadcast: %s, bus: %s, node %s)", self.settings.host,
+                 self.port, self.impl_name(self.coalesce), self.impl_name(self.broadcast), self.settings.bus,
+                 self.node_id)
+
+    @staticmethod
+    def impl_name(module: Any) -> str:
+        return "native" if native.is_native(module) else "python"
+
+    async def stop(self, grace: float | None = None) -> None:
+        """Stop accepting, finish in-flight requests, close every socket with 1001 (RFC 6455 §7.4.1)."""
+        grace = self.settings.shutdown_grace if grace is None else grace
+        if self._server is not None:
+            self._server.close()
+        deadline = time.monotonic() + grace
+        while self._tasks and time.monotonic() < deadline:
+            await asyncio.wait(list(self._tasks), timeout=max(0.0, deadline - time.monotonic()))
+        for conn in list(self.connections):
+            conn.close(Close.GOING_AWAY, "server shutting down")
+        close_deadline = time.monotonic() + 2.0
+        while self.connections and time.monotonic() < close_deadline:
+            await asyncio.sleep(0.01)  # bounded: sockets report their disconnect through picows callbacks
+        for task in list(self._tasks):
+            task.cancel()
+        if self._runner is not None:
+            await self._runner.cleanup()
+        await self.bus.stop()
+        await self.request_path.stop()
+        if self._wheel is not None:
+            self._wheel.close()
+
+    def _track(self, task: asyncio.Task[Any]) -> None:
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    def readiness(self) -> dict[str, bool]:
+        return {"bus": self.bus.ready, "listening": self._server is not None and self._server.is_serving()}
+
+    # --- the upgrade ---------------------------------------------------------------------------------------
+
+    def _authenticate_upgrade(self, head: RequestHead) -> Principal:
+        tickets = head.query.get("ticket")
+        if tickets:
+            return self.auth.redeem_ticket(tickets[0])
+        return self.auth.authenticate(head.get("authorization"))
+
+    async def _accept_websocket(self, head: RequestHead, transport: asyncio.Transport, buffered: bytes) -> None:
+        extra_headers: dict[str, str] = {}
+        offered = head.tokens("sec-websocket-protocol")
+        if "jmap" in offered:
+            # RFC 8887 §3: the client offers "jmap"; the server echoes it.
+            extra_headers["Sec-WebSocket-Protocol"] = "jmap"
+        elif self.settings.require_subprotocol:
+            self.metrics.upgrades.labels("no_subprotocol").inc()
+            raise HTTPProblem(400, 'The WebSocket subprotocol "jmap" must be offered (RFC 8887 §3).')
+        try:
+            principal = self._authenticate_upgrade(head)
+        except HTTPProblem:
+            self.metrics.upgrades.labels("unauthorized").inc()
+            raise
+        count = self._per_user.get(principal.username, 0)
+        if count >= self.settings.max_connections_per_user:
+            self.metrics.upgrades.labels("too_many").inc()
+            raise HTTPProblem(429, f"{principal.username} already has {count} connections on this server.",
+                              headers={"Retry-After": "10"})
+        if transport.is_closing():
+            return
+        conn = Connection(self, principal)
+        response = WSUpgradeResponse.create_101_response(extra_headers=extra_headers)
+        protocol = WSProtocol(
+            None, None, False, lambda _request: WSUpgradeResponseWithListener(response, conn), self._picows_log,
+            True, None, False, 20, 20, WSAutoPingStrategy.PING_WHEN_IDLE, True, self.settings.message_limit, None,
+            4096)
+        # Hand the connection over: picows replays the head, validates the upgrade and answers 101.
+        transport.set_protocol(protocol)
+        protocol.connection_made(transport)
+        data = memoryview(buffered)
+        while data:
+            buf = protocol.get_buffer(len(data))
+            n = min(len(buf), len(data))
+            buf[:n] = data[:n]
+            protocol.buffer_updated(n)
+            data = data[n:]
+        transport.resume_reading()
+        self.metrics.upgrades.labels("ok" if protocol.listener is conn else "invalid").inc()
+
+    def connection_opened(self, conn: Connection) -> None:
+        self.connections.add(conn)
+        name = conn.principal.username
+        self._per_user[name] = self._per_user.get(name, 0) + 1
+        self.metrics.connections.inc()
+
+    def connection_closed(self, conn: Connection) -> None:
+        if conn not in self.connections:
+            return
+        self.connections.discard(conn)
+        name = conn.principal.username
+        n = self._per_user.get(name, 1) - 1
+        if n <= 0:
+            self._per_user.pop(name, None)
+        else:
+            self._per_user[name] = n
+        self.metrics.connections.dec()
+
+    # --- requests and push ---------------------------------------------------------------------------------
+
+    def run_request(self, conn: Connection, action: Run) -> None:
+        task = self.loop.create_task(self._run(conn, action))
+        self._track(task)
+
+    async def _run(self, conn: Connection, action: Run) -> None:
+        result: Any
+        try:
+            result = await self.request_path.call(conn.principal, action.request)
+        except RequestLevelError as exc:
+            result = exc
+        except Exception:
+            log.exception("request path failed for %s", conn.principal.username)
+            result = RequestLevelError(SERVER_FAIL, "The server failed to process the request.", status=500)
+        if isinstance(result, RequestLevelError):
+            self.metrics.request_errors.labels(result.type_uri.rsplit(":", 1)[-1]).inc()
+            self.metrics.message_out("RequestError")
+        else:
+            self.metrics.message_out("Response")
+        conn.finish(action.request_id, result)
+
+    def enable_push(self, conn: Connection, action: EnablePush) -> None:
+        task = self.loop.create_task(self.hub.enable(conn.target, conn.principal, action.data_types,
+                                                     action.push_state, lambda: not conn.closing))
+        self._track(task)
+
+    def send_message(self, conn: Connection, payload: bytes) -> None:
+        self.hub.send_one(conn.target, payload)
+
+    def inflate(self, conn: Connection, payload: bytes) -> bytes | None:
+        # permessage-deflate is not negotiated yet, so the coalescer refuses rsv1 before this is reached.
+        conn.close(Close.PROTOCOL_ERROR, "rsv1 without permessage-deflate")
+        return None
+
+    def _on_delegation(self, owner: str, delegate: str, granted: bool) -> None:
+        # Live update: the delegate's open sockets see the new account list; push subscriptions follow it.
+        for conn in [c for c in self.connections if c.principal.username == delegate]:
+            conn.principal = self.directory.principal(delegate, conn.principal.expires_at)
+            sub = self.hub.subscription(conn.target)
+            if sub is not None:
+                self.enable_push(conn, EnablePush(sub.data_types, None))
+
+    # --- keepalive and slow clients (one timer wheel) ------------------------------------------------------
+
+    def schedule_keepalive(self, conn: Connection) -> None:
+        interval = self.settings.ping_interval
+        if interval > 0 and self._wheel is not None:
+            self._wheel.call_at(conn.last_seen + interval, lambda now: self._keepalive(conn, now))
+
+    def _keepalive(self, conn: Connection, now: float) -> None:
+        if conn.closing or self._wheel is None:
+            return
+        interval, timeout = self.settings.ping_interval, self.settings.ping_timeout
+        if conn.pinged_at:
+            if conn.last_seen > conn.pinged_at:
+                conn.pinged_at = 0.0  # any frame since the ping proves the peer is alive
+            elif now >= conn.pinged_at + timeout:
+                conn.close(Close.GOING_AWAY, "no pong within the ping timeout")
+                return
+            else:
+                self._wheel.call_at(conn.pinged_at + timeout, lambda t: self._keepalive(conn, t))
+                return
+        if now - conn.last_seen >= interval:
+            assert conn.transport is not None
+            conn.transport.send_ping(b"gw")
+            conn.pinged_at = now
+            self._wheel.call_at(now + timeout, lambda t: self._keepalive(conn, t))
+        else:
+            self._wheel.call_at(conn.last_seen + interval, lambda t: self._keepalive(conn, t))
+
+    def schedule_slow_check(self, conn: Connection) -> None:
+        if self._wheel is not None:
+            since = conn.paused_since
+            self._wheel.call_at(since + self.settings.slow_client_timeout,
+                                lambda now: self._slow_check(conn, since, now))
+
+    def _slow_check(self, conn: Connection, since: float, now: float) -> None:
+        if conn.closing or not conn.target.paused or conn.paused_since != since:
+            return
+        self.metrics.slow_closes.inc()
+        conn.close(Close.TRY_AGAIN_LATER, "the client does not read")
+        assert conn.transport is not None
+        conn.transport.underlying_transport.abort()
+
+    # --- session resource (RFC 8620 §2) --------------------------------------------------------------------
+
+    def session_resource(self, principal: Principal) -> dict[str, Any]:
+        s = self.settings
+        base = s.base_url(self.port)
+        ws_base = "wss" + base[5:] if base.startswith("https") else "ws" + base[4:]
+        capabilities: dict[str, Any] = {
+            CORE: {
+                "maxSizeUpload": s.max_size_upload,
+                "maxConcurrentUpload": s.max_concurrent_upload,
+                "maxSizeRequest": s.max_size_request,
+                "maxConcurrentRequests": s.max_concurrent_requests,
+                "maxCallsInRequest": s.max_calls_in_request,
+                "maxObjectsInGet": s.max_objects_in_get,
+                "maxObjectsInSet": s.max_objects_in_set,
+                "collationAlgorithms": ["i;ascii-numeric", "i;ascii-casemap", "i;unicode-casemap"],
+            },
+            # RFC 8887 §4.1
+            WEBSOCKET: {"url": f"{ws_base}/jmap/ws", "supportsPush": True},
+        }
+        capabilities.update(self.request_path.capabilities)
+        accounts: dict[str, Any] = {}
+        primary: dict[str, str] = {}
+        for account in principal.accounts:
+            account_caps = dict(self.request_path.account_capabilities(account))
+            accounts[account.id] = {"name": account.name, "isPersonal": account.is_personal,
+                                    "isReadOnly": False, "accountCapabilities": account_caps}
+            if account.is_personal:
+                for cap in account_caps:
+                    primary[cap] = account.id
+        return {
+            "capabilities": capabilities,
+            "accounts": accounts,
+            "primaryAccounts": primary,
+            "username": principal.username,
+            "apiUrl": f"{base}/jmap/api",
+            "downloadUrl": f"{base}/jmap/download/{{accountId}}/{{blobId}}/{{name}}?type={{type}}",
+            "uploadUrl": f"{base}/jmap/upload/{{accountId}}/",
+            "eventSourceUrl": f"{base}/jmap/eventsource/?types={{types}}&closeafter={{closeafter}}&ping={{ping}}",
+            "state": self.request_path.session_state(principal),
+        }
+
+    # --- metrics read at scrape time -----------------------------------------------------------------------
+
+    def _collect(self) -> Iterator[Any]:
+        stats = self.hub.stats
+        yield counter("gateway_events_received", "Events taken from the bus", stats.events)
+        yield counter("gateway_pushes_delivered", "StateChange frames written to sockets", stats.pushes)
+        yield counter("gateway_slow_client_merges", "StateChanges merged for paused sockets", stats.merged)
+        yield gauge("gateway_push_subscriptions", "Push-enabled sessions", self.hub.subscriptions)
+        impl = GaugeMetricFamily("gateway_native_module", "1 when the compiled module runs, 0 for the Python twin",
+                                 labels=["module"])
+        for name, module in (("coalesce", self.coalesce), ("broadcast", self.broadcast)):
+            impl.add_metric([name], 1.0 if native.is_native(module) else 0.0)
+        yield impl
+        for attr in ("received_events", "poison_messages", "published_events", "reconnects"):
+            value = getattr(self.bus, attr, None)
+            if isinstance(value, int):
+                yield counter(f"gateway_bus_{attr}", f"Bus adapter counter {attr}", value)
+

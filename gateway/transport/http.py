@@ -1,0 +1,196 @@
+"""The HTTP surface on aiohttp: session resource, API, tickets, health, metrics, admin, downloads.
+
+Every error answer is an RFC 7807 problem body, produced in one middleware from the error hierarchy.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import TYPE_CHECKING, Any
+
+import msgspec
+from aiohttp import web
+
+from gateway.bus.events import EventDecodeError, decode_events
+from gateway.directory import Principal
+from gateway.errors import LIMIT, PROBLEM_CONTENT_TYPE, HTTPProblem, RequestLevelError
+from gateway.jmap.codec import decode_api_request
+from gateway.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
+from gateway.upstream.base import check_request
+
+if TYPE_CHECKING:
+    from gateway.app import Gateway
+
+log = logging.getLogger(__name__)
+_json = msgspec.json.Encoder()
+
+GATEWAY_KEY: web.AppKey[Gateway] = web.AppKey("gateway")
+
+
+def _problem(status: int, body: bytes, headers: dict[str, str] | None = None) -> web.Response:
+    return web.Response(status=status, body=body, content_type=PROBLEM_CONTENT_TYPE, headers=headers)
+
+
+@web.middleware
+async def problems(request: web.Request, handler: Any) -> web.StreamResponse:
+    gw = request.app[GATEWAY_KEY]
+    route = request.match_info.route.resource.canonical if request.match_info.route.resource else "unmatched"
+    try:
+        response: web.StreamResponse = await handler(request)
+    except HTTPProblem as exc:
+        response = _problem(exc.status, exc.body(), exc.headers)
+    except RequestLevelError as exc:
+        response = _problem(exc.status, _json.encode(exc.to_problem()))
+    except web.HTTPException as exc:
+        response = _problem(exc.status, HTTPProblem(exc.status, exc.reason).body(),
+                            {k: v for k, v in exc.headers.items() if k.lower() == "allow"})
+    except Exception:
+        log.exception("unhandled error on %s %s", request.method, request.path)
+        response = _problem(500, HTTPProblem(500, "Internal server error.").body())
+    gw.metrics.http_requests.labels(route, str(response.status)).inc()
+    return response
+
+
+def _principal(request: web.Request) -> Principal:
+    gw = request.app[GATEWAY_KEY]
+    return gw.auth.authenticate(request.headers.get("Authorization"))
+
+
+def _admin(request: web.Request) -> None:
+    token = request.app[GATEWAY_KEY].settings.admin_token
+    if token is None:
+        raise HTTPProblem(404, "The admin API is disabled (GATEWAY_ADMIN_TOKEN is unset).")
+    header = request.headers.get("Authorization", "")
+    scheme, _, value = header.partition(" ")
+    if scheme.lower() != "bearer" or not value:
+        raise HTTPProblem(401, "The admin API needs a Bearer token.", headers={"WWW-Authenticate": 'Bearer realm="admin"'})
+    import hmac
+
+    if not hmac.compare_digest(value.strip().encode(), token.encode()):
+        raise HTTPProblem(403, "The admin token is not valid.")
+
+
+def _json_response(obj: Any, status: int = 200) -> web.Response:
+    return web.Response(status=status, body=_json.encode(obj), content_type="application/json")
+
+
+async def well_known(request: web.Request) -> web.Response:
+    # RFC 8620 §2.2: the well-known URL may redirect to the session resource.
+    raise web.HTTPFound("/jmap/session")
+
+
+async def session(request: web.Request) -> web.Response:
+    gw = request.app[GATEWAY_KEY]
+    return _json_response(gw.session_resource(_principal(request)))
+
+
+async def api(request: web.Request) -> web.Response:
+    gw = request.app[GATEWAY_KEY]
+    principal = _principal(request)
+    limit = gw.settings.max_size_request
+    if request.content_length is not None and request.content_length > limit:
+        raise RequestLevelError(LIMIT, f"The request is larger than maxSizeRequest ({limit} bytes).",
+                                limit="maxSizeRequest")
+    body = await request.content.read(limit + 1)
+    if len(body) > limit:
+        raise RequestLevelError(LIMIT, f"The request is larger than maxSizeRequest ({limit} bytes).",
+                                limit="maxSizeRequest")
+    api_request = decode_api_request(body)
+    check_request(api_request, gw.supported_capabilities, gw.settings.max_calls_in_request)
+    response = await gw.request_path.call(principal, api_request)
+    return _json_response(response)
+
+
+async def ticket(request: web.Request) -> web.Response:
+    gw = request.app[GATEWAY_KEY]
+    value, valid_until = gw.auth.issue_ticket(_principal(request))
+    return _json_response({"value": value, "validUntil": valid_until}, status=201)
+
+
+async def ws_without_upgrade(request: web.Request) -> web.Response:
+    raise HTTPProblem(426, "This endpoint only accepts WebSocket upgrades (RFC 8887) on a new connection.",
+                      headers={"Upgrade": "websocket"})
+
+
+async def healthz(request: web.Request) -> web.Response:
+    return _json_response({"status": "ok"})
+
+
+async def readyz(request: web.Request) -> web.Response:
+    gw = request.app[GATEWAY_KEY]
+    checks = gw.readiness()
+    if all(checks.values()):
+        return _json_response({"status": "ready", "checks": checks})
+    failing = ", ".join(k for k, ok in checks.items() if not ok)
+    raise HTTPProblem(503, f"Not ready: {failing}.", headers={"Retry-After": "5"})
+
+
+async def metrics(request: web.Request) -> web.Response:
+    gw = request.app[GATEWAY_KEY]
+    return web.Response(body=gw.metrics.render(), headers={"Content-Type": METRICS_CONTENT_TYPE})
+
+
+async def admin_events(request: web.Request) -> web.Response:
+    gw = request.app[GATEWAY_KEY]
+    _admin(request)
+    body = await request.content.read(gw.settings.max_size_request + 1)
+    if len(body) > gw.settings.max_size_request:
+        raise HTTPProblem(413, "The body is too large.")
+    try:
+        events = decode_events(body)
+    except EventDecodeError as exc:
+        raise HTTPProblem(400, f"Not a StateChangeEvent or an array of them: {exc}.") from None
+    await gw.bus.publish(events)
+    return _json_response({"accepted": len(events)}, status=202)
+
+
+async def admin_delegation(request: web.Request) -> web.Response:
+    gw = request.app[GATEWAY_KEY]
+    _admin(request)
+    owner, delegate = request.match_info["owner"], request.match_info["delegate"]
+    if owner == delegate:
+        raise HTTPProblem(400, "An account cannot be delegated to its owner.")
+    if request.method == "PUT":
+        changed = gw.directory.grant(owner, delegate)
+        return web.Response(status=201 if changed else 204)
+    if not gw.directory.revoke(owner, delegate):
+        raise HTTPProblem(404, f"{delegate} has no delegation from {owner}.")
+    return web.Response(status=204)
+
+
+async def download(request: web.Request) -> web.StreamResponse:
+    gw = request.app[GATEWAY_KEY]
+    principal = _principal(request)
+    fetch = getattr(gw.request_path, "download", None)
+    if fetch is None:
+        raise HTTPProblem(404, "This server has no blobs.")
+    data = await fetch(principal, request.match_info["account"], request.match_info["blob"])
+    if data is None:
+        raise HTTPProblem(404, "No such blob in this account.")
+    content_type = request.query.get("type") or "message/rfc822"
+    return web.Response(body=data, headers={"Content-Type": content_type})
+
+
+async def not_implemented(request: web.Request) -> web.Response:
+    _principal(request)
+    raise HTTPProblem(501, "This endpoint is advertised by RFC 8620 but not implemented by this gateway yet.")
+
+
+def build_app(gw: Gateway) -> web.Application:
+    app = web.Application(middlewares=[problems], client_max_size=gw.settings.max_size_request + 1)
+    app[GATEWAY_KEY] = gw
+    app.router.add_get("/.well-known/jmap", well_known)
+    app.router.add_get("/jmap/session", session)
+    app.router.add_post("/jmap/api", api)
+    app.router.add_post("/jmap/ws/ticket", ticket)
+    app.router.add_get("/jmap/ws", ws_without_upgrade)
+    app.router.add_get("/healthz", healthz)
+    app.router.add_get("/readyz", readyz)
+    app.router.add_get("/metrics", metrics)
+    app.router.add_post("/admin/events", admin_events)
+    app.router.add_route("PUT", "/admin/delegations/{owner}/{delegate}", admin_delegation)
+    app.router.add_route("DELETE", "/admin/delegations/{owner}/{delegate}", admin_delegation)
+    app.router.add_get("/jmap/download/{account}/{blob}/{name}", download)
+    app.router.add_post("/jmap/upload/{account}/", not_implemented)
+    app.router.add_get("/jmap/eventsource/", not_implemented)
+    return app

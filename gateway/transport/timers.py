@@ -1,0 +1,57 @@
+"""One timer wheel for every socket (keepalive pings, pong deadlines, slow-client checks).
+
+Not a task or a timer handle per socket: entries land in one-second buckets and a single loop callback fires
+each due bucket. Entries are checked lazily when their bucket fires, so moving a deadline (a socket that was
+active again) costs nothing until then.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+from collections.abc import Callable
+
+
+class TimerWheel:
+    def __init__(self, loop: asyncio.AbstractEventLoop, resolution: float = 1.0) -> None:
+        self._loop = loop
+        self._resolution = resolution
+        self._buckets: dict[int, list[Callable[[float], None]]] = {}
+        self._handle: asyncio.TimerHandle | None = None
+        self._next_tick: int | None = None
+
+    def __len__(self) -> int:
+        return sum(len(b) for b in self._buckets.values())
+
+    def call_at(self, when: float, callback: Callable[[float], None]) -> None:
+        """Run `callback(now)` at `when` (loop time), rounded up to the wheel's resolution."""
+        tick = math.ceil(when / self._resolution)
+        bucket = self._buckets.get(tick)
+        if bucket is None:
+            self._buckets[tick] = [callback]
+        else:
+            bucket.append(callback)
+        if self._next_tick is None or tick < self._next_tick:
+            self._arm(tick)
+
+    def _arm(self, tick: int) -> None:
+        if self._handle is not None:
+            self._handle.cancel()
+        self._next_tick = tick
+        self._handle = self._loop.call_at(tick * self._resolution, self._fire)
+
+    def _fire(self) -> None:
+        self._handle = None
+        self._next_tick = None
+        now = self._loop.time()
+        due = [t for t in self._buckets if t * self._resolution <= now]
+        for tick in sorted(due):
+            for callback in self._buckets.pop(tick):
+                callback(now)
+        if self._buckets:
+            self._arm(min(self._buckets))
+
+    def close(self) -> None:
+        if self._handle is not None:
+            self._handle.cancel()
+        self._buckets.clear()
