@@ -28,7 +28,7 @@ Clock = Callable[[], float]
 class Authenticator:
     def __init__(self, settings: Settings, directory: Directory, clock: Clock = time.time) -> None:
         self._directory = directory
-        self._clock = clock
+        self.clock = clock
         self._ticket_ttl = settings.ticket_ttl
         self._tickets: dict[str, tuple[str, float]] = {}  # ticket -> (username, expiry)
         self._jwt_keys: list[tuple[object, list[str]]] = []
@@ -90,7 +90,7 @@ class Authenticator:
 
     def issue_ticket(self, principal: Principal) -> tuple[str, str]:
         """A single-use ticket for `principal` and its expiry as an RFC 3339 UTCDate."""
-        now = self._clock()
+        now = self.clock()
         self._tickets = {t: v for t, v in self._tickets.items() if v[1] > now}
         value = secrets.token_urlsafe(32)
         expiry = now + self._ticket_ttl
@@ -101,6 +101,6 @@ class Authenticator:
     def redeem_ticket(self, value: str) -> Principal:
         """The principal of a ticket, consuming it; HTTPProblem(401) if unknown, used or expired."""
         entry = self._tickets.pop(value, None)
-        if entry is None or entry[1] <= self._clock():
+        if entry is None or entry[1] <= self.clock():
             raise self._unauthorized("The ticket is unknown, already used or expired.")
         return self._directory.principal(entry[0])
