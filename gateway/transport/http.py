@@ -42,6 +42,8 @@ async def problems(request: web.Request, handler: Any) -> web.StreamResponse:
     except RequestLevelError as exc:
         response = _problem(exc.status, _json.encode(exc.to_problem()))
     except web.HTTPException as exc:
+        if exc.status < 400:
+            raise  # redirects keep their Location
         response = _problem(exc.status, HTTPProblem(exc.status, exc.reason).body(),
                             {k: v for k, v in exc.headers.items() if k.lower() == "allow"})
     except Exception:

@@ -1,0 +1,115 @@
+"""The HTTP surface over real sockets: session resource, API, health, metrics, admin events, problem bodies."""
+
+from __future__ import annotations
+
+import json
+
+import aiohttp
+import pytest
+
+from gateway.app import Gateway
+from gateway.directory import account_id_for
+from tests.conftest import ADMIN, ALICE, BOB, GatewayFactory, basic, connect, http_url
+from tests.e2e.test_push import enable, next_push_or_none
+
+CORE = "urn:ietf:params:jmap:core"
+
+
+async def test_session_resource(make_gateway: GatewayFactory) -> None:
+    gw = await make_gateway(PUBLIC_URL="https://jmap.example.com")
+    async with aiohttp.ClientSession() as http:
+        async with http.get(http_url(gw, "/.well-known/jmap"), headers={"Authorization": basic(BOB)},
+                            allow_redirects=False) as r:
+            assert r.status == 302 and r.headers["Location"] == "/jmap/session"
+        async with http.get(http_url(gw, "/jmap/session"), headers={"Authorization": basic(BOB)}) as r:
+            assert r.status == 200
+            session = await r.json()
+    core = session["capabilities"][CORE]
+    assert core["maxConcurrentRequests"] == gw.settings.max_concurrent_requests
+    assert core["maxSizeRequest"] == gw.settings.max_size_request
+    assert core["maxCallsInRequest"] == gw.settings.max_calls_in_request
+    assert session["capabilities"]["urn:ietf:params:jmap:websocket"] == {
+        "url": "wss://jmap.example.com/jmap/ws", "supportsPush": True}
+    assert session["username"] == BOB[0]
+    assert list(session["accounts"]) == [account_id_for(BOB[0])]
+    assert session["apiUrl"] == "https://jmap.example.com/jmap/api"
+    for key in ("downloadUrl", "uploadUrl", "eventSourceUrl", "state", "primaryAccounts"):
+        assert key in session
+
+
+async def test_api_over_http_uses_the_same_request_path(gateway: Gateway) -> None:
+    body = {"using": [CORE], "methodCalls": [["Core/echo", {"x": 1}, "c1"]]}
+    async with aiohttp.ClientSession() as http:
+        async with http.post(http_url(gateway, "/jmap/api"), json=body, headers={"Authorization": basic(BOB)}) as r:
+            assert r.status == 200
+            assert (await r.json())["methodResponses"] == [["Core/echo", {"x": 1}, "c1"]]
+        async with http.post(http_url(gateway, "/jmap/api"), data=b"{nope", headers={"Authorization": basic(BOB)}) as r:
+            assert r.status == 400
+            assert r.headers["Content-Type"].startswith("application/problem+json")
+            assert (await r.json())["type"] == "urn:ietf:params:jmap:error:notJSON"
+        async with http.post(http_url(gateway, "/jmap/api"), json={"using": ["urn:x"], "methodCalls": []},
+                             headers={"Authorization": basic(BOB)}) as r:
+            assert (await r.json())["type"] == "urn:ietf:params:jmap:error:unknownCapability"
+        async with http.post(http_url(gateway, "/jmap/api"), json=body) as r:
+            assert r.status == 401 and "Basic" in r.headers["WWW-Authenticate"]
+
+
+async def test_health_ready_metrics_and_404(gateway: Gateway) -> None:
+    async with await connect(gateway):
+        async with aiohttp.ClientSession() as http:
+            async with http.get(http_url(gateway, "/healthz")) as r:
+                assert r.status == 200
+            async with http.get(http_url(gateway, "/readyz")) as r:
+                assert r.status == 200
+            async with http.get(http_url(gateway, "/metrics")) as r:
+                text = await r.text()
+                assert "gateway_connections_open 1.0" in text
+                assert 'gateway_upgrades_total{outcome="ok"} 1.0' in text
+                assert 'gateway_native_module{module="coalesce"}' in text
+            async with http.get(http_url(gateway, "/no/such/thing")) as r:
+                assert r.status == 404
+                problem = await r.json(content_type=None)
+                assert problem["status"] == 404 and problem["title"] == "Not Found"
+            async with http.get(http_url(gateway, "/jmap/ws")) as r:
+                assert r.status == 426
+
+
+@pytest.mark.parametrize(("auth", "status"), [(None, 401), ("Bearer wrong", 403), ("Basic x", 401)])
+async def test_admin_events_need_the_token(gateway: Gateway, auth: str | None, status: int) -> None:
+    headers = {"Authorization": auth} if auth else {}
+    async with aiohttp.ClientSession() as http, http.post(http_url(gateway, "/admin/events"), headers=headers,
+                                                          json={}) as r:
+        assert r.status == status
+        assert (await r.json(content_type=None))["status"] == status
+
+
+async def test_admin_events_publish_and_reject_bad_input(gateway: Gateway) -> None:
+    bob = await connect(gateway)
+    alice = await connect(gateway, ALICE)
+    await enable(bob)
+    await enable(alice)
+    event = {"type": "org.apache.james.jmap.change.StateChangeEvent", "eventId": "e-1",
+             "username": BOB[0], "typeStates": {"Email": "s9", "MyCustomType": "c9"}}
+    legacy = {"type": "org.apache.james.jmap.change.StateChangeEvent", "eventId": "e-2",
+              "username": ALICE[0], "mailboxState": "m5", "emailState": "e5"}
+    auth = {"Authorization": f"Bearer {ADMIN}"}
+    async with aiohttp.ClientSession() as http:
+        async with http.post(http_url(gateway, "/admin/events"), headers=auth, json=[event, legacy]) as r:
+            assert r.status == 202
+        for bad in (b"not json", json.dumps({**event, "type": "org.example.Unknown"}).encode(), b"[1,2]"):
+            async with http.post(http_url(gateway, "/admin/events"), headers=auth, data=bad) as r:
+                assert r.status == 400
+                assert r.headers["Content-Type"].startswith("application/problem+json")
+    push = await next_push_or_none(bob)
+    assert push is not None and push["changed"] == {account_id_for(BOB[0]): {"Email": "s9", "MyCustomType": "c9"}}
+    push = await next_push_or_none(alice)
+    assert push is not None and push["changed"] == {account_id_for(ALICE[0]): {"Mailbox": "m5", "Email": "e5"}}
+    await bob.close()
+    await alice.close()
+
+
+async def test_admin_disabled_without_token(make_gateway: GatewayFactory) -> None:
+    gw = await make_gateway(ADMIN_TOKEN="")
+    async with aiohttp.ClientSession() as http, http.post(http_url(gw, "/admin/events"),
+                                                          headers={"Authorization": "Bearer x"}, json={}) as r:
+        assert r.status == 404
