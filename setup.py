@@ -15,13 +15,17 @@ except ImportError:  # pragma: no cover - only without the build dependency
 
 HERE = Path(__file__).parent
 
+# C libraries a native module links against, by dotted name (the rest link none).
+LIBRARIES = {"gateway._deflate": ["z"]}
+
 
 def native_extensions() -> list[Extension]:
     exts = []
     for pyx in sorted((HERE / "native").rglob("*.pyx")):
         rel = pyx.relative_to(HERE / "native").with_suffix("")
         name = ".".join(rel.parts)
-        exts.append(Extension(name, [str(pyx.relative_to(HERE))], extra_compile_args=["-O3"]))
+        exts.append(Extension(name, [str(pyx.relative_to(HERE))], extra_compile_args=["-O3"],
+                              libraries=LIBRARIES.get(name, [])))
     return exts
 
 

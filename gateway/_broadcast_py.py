@@ -1,9 +1,9 @@
 """Pure-Python twin of the compiled broadcast loop (`native/gateway/_broadcast.pyx`): identical behaviour.
 
-`broadcast` writes one pre-encoded StateChange frame to every target of a fan-out group, with no per-recipient
-encoding, allocation of tasks or awaiting (DESIGN.md §3). A paused target (its socket's write buffer is over the
-high-water mark) gets the change merged into its pending StateChange instead: newest state per account and type
-wins, so memory per slow client stays bounded by the number of accounts and types it covers.
+`broadcast` writes one pre-encoded StateChange frame to every target of a fan-out group, with no
+per-recipient encoding, allocation of tasks or awaiting (DESIGN.md §3). A paused target (its socket's write
+buffer is over the high-water mark) gets the change merged into its pending StateChange instead: newest state
+per account and type wins, so memory per slow client stays bounded by the accounts and types it covers.
 """
 
 from __future__ import annotations
@@ -42,13 +42,23 @@ def merge(target: Target, account_id: str, type_states: dict[str, str]) -> None:
 
 def broadcast(targets: dict[Target, None], plain: bytearray, compressed: bytearray | None,
               account_id: str, type_states: dict[str, str]) -> int:
-    """Send the frame to every target; merge it into paused ones. Returns how many were written."""
+    """Send the frame to every target; merge it into paused ones. Returns how many were written.
+
+    `targets` is a dict used as an ordered set; a send that changes it (a callback dropping a target) ends the
+    loop with RuntimeError after that target, as iterating any dict does.
+    """
+    # The compiled twin refuses the same arguments with the same messages (picows wants exact bytearrays).
+    if type(targets) is not dict:
+        raise TypeError("targets must be a dict")
+    if type(plain) is not bytearray or (compressed is not None and type(compressed) is not bytearray):
+        raise TypeError("plain and compressed must be bytearrays")
+    have_compressed = compressed is not None
     written = 0
     for target in targets:
         if target.paused:
             merge(target, account_id, type_states)
             continue
-        if compressed is not None and target.deflate:
+        if have_compressed and target.deflate:
             # RFC 7692 §6: rsv1 marks the compressed message; the payload is shared by every recipient.
             target.transport.send_reuse_external_bytearray(TEXT, compressed, HEADROOM, True, True)
         else:

@@ -15,7 +15,8 @@ from typing import Any
 
 from aiohttp import web
 from picows import WSAutoPingStrategy, WSUpgradeResponse, WSUpgradeResponseWithListener
-from picows.picows import WSProtocol
+from picows.picows import WSProtocol  # type: ignore[attr-defined]  # public class, absent from the stub
+from prometheus_client.core import GaugeMetricFamily
 
 from gateway import native
 from gateway.auth import Authenticator
@@ -26,8 +27,6 @@ from gateway.directory import Directory, Principal
 from gateway.errors import Close, HTTPProblem, RequestLevelError
 from gateway.fanout.hub import Hub
 from gateway.jmap.types import CORE, WEBSOCKET
-from prometheus_client.core import GaugeMetricFamily
-
 from gateway.metrics import Metrics, counter, gauge
 from gateway.session import EnablePush, Run
 from gateway.transport.front import FrontProtocol, RequestHead
@@ -41,7 +40,7 @@ log = logging.getLogger(__name__)
 SERVER_FAIL = "urn:ietf:params:jmap:error:serverFail"
 
 
-class _PicowsLog(logging.LoggerAdapter):  # type: ignore[type-arg]
+class _PicowsLog(logging.LoggerAdapter[logging.Logger]):
     """A logger-like object, so picows does not create a child Logger per connection (idle memory)."""
 
 
@@ -78,7 +77,7 @@ class Gateway:
         if self.settings.bus == "amqp":
             from gateway.bus.amqp import AmqpBus  # imported only when used
 
-            return AmqpBus(self.settings, self.node_id)  # type: ignore[no-any-return]
+            return AmqpBus(self.settings, self.node_id)
         return MemoryBus()
 
     @property

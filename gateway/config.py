@@ -198,7 +198,8 @@ SPECS: tuple[Spec, ...] = (
          "Worker processes sharing the port (SO_REUSEPORT), each its own bus node."),
     # --- embedded mail backend ---
     Spec("GATEWAY_DATA_DIR", "data_dir", _str, "./data", "Directory of the embedded backend's data."),
-    Spec("GATEWAY_DB", "db", _str, "", "SQLite database path (`:memory:` allowed); default `<GATEWAY_DATA_DIR>/mail.sqlite3`."),
+    Spec("GATEWAY_DB", "db", _str, "",
+         "SQLite database path (`:memory:` allowed); default `<GATEWAY_DATA_DIR>/mail.sqlite3`."),
     Spec("GATEWAY_SMTP_HOST", "smtp_host", _str, "127.0.0.1", "Address of the embedded SMTP listener."),
     Spec("GATEWAY_SMTP_PORT", "smtp_port", _int(0, 65535), "2525", "Port of the embedded SMTP listener (0 = off)."),
 )

@@ -112,10 +112,10 @@ class JmapSession:
         except RequestLevelError as exc:
             return Reply(encoder.encode(exc.to_request_error(message.id)))
         if self.in_flight >= self._max_concurrent:
-            exc = RequestLevelError(
+            limit = RequestLevelError(
                 LIMIT, f"At most {self._max_concurrent} requests may be in flight on one connection.",
                 limit="maxConcurrentRequests")
-            return Reply(encoder.encode(exc.to_request_error(message.id)))
+            return Reply(encoder.encode(limit.to_request_error(message.id)))
         self.in_flight += 1
         return Run(api, message.id)
 

@@ -258,7 +258,8 @@ class Hub:
         sub = self._subs.get(target)
         if sub is None:
             return None
-        payload = self._encoder.encode(StateChange(changed=pending, pushState=pushstate.encode(self._snapshot(sub.key))))
+        token = pushstate.encode(self._snapshot(sub.key))
+        payload = self._encoder.encode(StateChange(changed=pending, pushState=token))
         self.send_one(target, payload)
         self.stats.pushes += 1
         return payload

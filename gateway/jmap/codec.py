@@ -13,7 +13,7 @@ import msgspec
 from gateway.errors import NOT_JSON, NOT_REQUEST, RequestLevelError
 from gateway.jmap.types import ApiRequest, ClientMessage
 
-_client_decoder: msgspec.json.Decoder[ClientMessage] = msgspec.json.Decoder(ClientMessage)  # type: ignore[arg-type]
+_client_decoder: msgspec.json.Decoder[ClientMessage] = msgspec.json.Decoder(ClientMessage)
 _api_decoder = msgspec.json.Decoder(ApiRequest)
 _any_decoder = msgspec.json.Decoder()
 encoder = msgspec.json.Encoder()

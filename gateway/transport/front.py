@@ -97,8 +97,10 @@ class FrontProtocol(asyncio.Protocol):
         self._routed = False
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self._transport = transport  # type: ignore[assignment]  # uvloop's TCPTransport is not a subclass
-        self._timeout = asyncio.get_running_loop().call_later(HEAD_TIMEOUT, transport.abort)
+        # uvloop's TCPTransport is a Transport in behaviour but not by inheritance, hence no isinstance check.
+        tcp: asyncio.Transport = transport  # type: ignore[assignment]
+        self._transport = tcp
+        self._timeout = asyncio.get_running_loop().call_later(HEAD_TIMEOUT, tcp.abort)
 
     def connection_lost(self, exc: Exception | None) -> None:
         if self._timeout is not None:

@@ -65,7 +65,8 @@ def _admin(request: web.Request) -> None:
     header = request.headers.get("Authorization", "")
     scheme, _, value = header.partition(" ")
     if scheme.lower() != "bearer" or not value:
-        raise HTTPProblem(401, "The admin API needs a Bearer token.", headers={"WWW-Authenticate": 'Bearer realm="admin"'})
+        raise HTTPProblem(401, "The admin API needs a Bearer token.",
+                          headers={"WWW-Authenticate": 'Bearer realm="admin"'})
     import hmac
 
     if not hmac.compare_digest(value.strip().encode(), token.encode()):

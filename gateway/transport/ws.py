@@ -27,7 +27,7 @@ _MSG_TYPES = {m.value: m for m in WSMsgType}
 PING_PAYLOAD = b"jmap-gw"
 
 
-class Connection(WSListener):  # type: ignore[misc]
+class Connection(WSListener):
     """One authenticated WebSocket. Small on purpose: idle connections are most of a gateway's memory."""
 
     __slots__ = (
@@ -95,8 +95,8 @@ class Connection(WSListener):  # type: ignore[misc]
         if op == WSMsgType.CLOSE:
             # RFC 6455 §5.5.1: answer a close frame with one and end the connection.
             code = frame.get_close_code()
-            self.gw.metrics.close(int(code) if int(code) else 1005)
-            transport.send_close(code if int(code) else WSCloseCode.OK)
+            self.gw.metrics.close(code.value or 1005)
+            transport.send_close(code if code.value else WSCloseCode.OK)
             transport.disconnect()
             return
         rsv = (frame.rsv1 << 2) | (frame.rsv2 << 1) | frame.rsv3

@@ -7,12 +7,12 @@ are done once in `check_request`, before a request reaches any implementation.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from typing import Any, Protocol
 
 from gateway.directory import Account, Principal
 from gateway.errors import LIMIT, UNKNOWN_CAPABILITY, RequestLevelError
-from gateway.jmap.types import CORE, ApiRequest, ApiResponse
+from gateway.jmap.types import ApiRequest, ApiResponse
 
 
 class RequestPath(Protocol):
@@ -41,7 +41,7 @@ class RequestPath(Protocol):
     async def stop(self) -> None: ...
 
 
-def check_request(request: ApiRequest, supported: Mapping[str, Any], max_calls: int) -> None:
+def check_request(request: ApiRequest, supported: Collection[str], max_calls: int) -> None:
     """RFC 8620 §3.6.1 request-level checks shared by every request path."""
     for capability in request.using:
         if capability not in supported:

@@ -55,23 +55,22 @@ async def test_api_over_http_uses_the_same_request_path(gateway: Gateway) -> Non
 
 
 async def test_health_ready_metrics_and_404(gateway: Gateway) -> None:
-    async with await connect(gateway):
-        async with aiohttp.ClientSession() as http:
-            async with http.get(http_url(gateway, "/healthz")) as r:
-                assert r.status == 200
-            async with http.get(http_url(gateway, "/readyz")) as r:
-                assert r.status == 200
-            async with http.get(http_url(gateway, "/metrics")) as r:
-                text = await r.text()
-                assert "gateway_connections_open 1.0" in text
-                assert 'gateway_upgrades_total{outcome="ok"} 1.0' in text
-                assert 'gateway_native_module{module="coalesce"}' in text
-            async with http.get(http_url(gateway, "/no/such/thing")) as r:
-                assert r.status == 404
-                problem = await r.json(content_type=None)
-                assert problem["status"] == 404 and problem["title"] == "Not Found"
-            async with http.get(http_url(gateway, "/jmap/ws")) as r:
-                assert r.status == 426
+    async with await connect(gateway), aiohttp.ClientSession() as http:
+        async with http.get(http_url(gateway, "/healthz")) as r:
+            assert r.status == 200
+        async with http.get(http_url(gateway, "/readyz")) as r:
+            assert r.status == 200
+        async with http.get(http_url(gateway, "/metrics")) as r:
+            text = await r.text()
+            assert "gateway_connections_open 1.0" in text
+            assert 'gateway_upgrades_total{outcome="ok"} 1.0' in text
+            assert 'gateway_native_module{module="coalesce"}' in text
+        async with http.get(http_url(gateway, "/no/such/thing")) as r:
+            assert r.status == 404
+            problem = await r.json(content_type=None)
+            assert problem["status"] == 404 and problem["title"] == "Not Found"
+        async with http.get(http_url(gateway, "/jmap/ws")) as r:
+            assert r.status == 426
 
 
 @pytest.mark.parametrize(("auth", "status"), [(None, 401), ("Bearer wrong", 403), ("Basic x", 401)])

@@ -97,8 +97,8 @@ async def test_max_concurrent_requests_is_enforced_per_connection(make_gateway: 
     ([(TEXT, b"{}", True, 2)], 1002),  # rsv2
     ([(TEXT, b"{", False, 0), (TEXT, b"}", True, 0)], 1002),
 ])
-async def test_protocol_violations_close_with_the_right_code(gateway: Gateway, frames: list[tuple[int, bytes, bool, int]],
-                                                             code: int) -> None:
+async def test_protocol_violations_close_with_the_right_code(
+        gateway: Gateway, frames: list[tuple[int, bytes, bool, int]], code: int) -> None:
     client = await RawClient.connect(gateway.port, headers={"Authorization": basic(BOB)})
     for op, payload, fin, rsv in frames:
         client.send(op, payload, fin, rsv)

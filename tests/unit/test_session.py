@@ -38,7 +38,8 @@ def test_request_runs_and_finishes_with_request_id() -> None:
 def test_request_level_error_result() -> None:
     s = make()
     s.receive(TEXT, request("x"))
-    out = json.loads(s.finish("x", RequestLevelError("urn:ietf:params:jmap:error:limit", "too big", limit="maxSizeRequest")))
+    error = RequestLevelError("urn:ietf:params:jmap:error:limit", "too big", limit="maxSizeRequest")
+    out = json.loads(s.finish("x", error))
     assert out["@type"] == "RequestError" and out["requestId"] == "x" and out["limit"] == "maxSizeRequest"
 
 

@@ -1,0 +1,168 @@
+# cython: language_level=3
+"""Compiled broadcast loop: writes one pre-encoded StateChange frame to every target of a fan-out group, and
+merges the change into the pending StateChange of targets whose socket is paused.
+
+It does not encode, compress or own sockets; the hub does that. Its pure-Python twin with identical behaviour is
+gateway._broadcast_py; tests/unit/test_broadcast.py runs the same tests on both.
+"""
+
+cimport cython
+from cpython.dict cimport PyDict_Next
+from cpython.object cimport PyObject
+from picows.picows cimport WSMsgType, WSTransport
+
+
+cdef extern from "Python.h":
+    Py_ssize_t PyDict_GET_SIZE(object d)
+
+
+cdef extern from "<sys/socket.h>" nogil:
+    ssize_t send(int fd, const void* buf, size_t n, int flags)
+
+
+cdef enum:
+    _TEXT = 1
+    _HEADROOM = 14
+
+TEXT = _TEXT
+HEADROOM = _HEADROOM  # room before the payload for the largest server frame header (RFC 6455 §5.2)
+
+
+cdef class Target:
+    """The push end of one connection: its picows transport and its pause/merge state."""
+
+    cdef object _transport
+    # The same object as _transport when it is a picows WSTransport (else None): the write then goes through
+    # picows' C vtable, with no attribute lookup, bound-method object or argument tuple per recipient.
+    cdef WSTransport _ws
+    cdef public object deflate
+    cdef public object paused
+    cdef public object pending
+    cdef public object key
+
+    def __init__(self, transport, deflate=False):
+        self.transport = transport
+        self.deflate = deflate
+        self.paused = False
+        self.pending = None
+        self.key = None
+
+    @property
+    def transport(self):
+        return self._transport
+
+    @transport.setter
+    def transport(self, value):
+        # Decided once per transport, not per write: anything that is not a picows transport (a test double,
+        # another adapter) is written through its Python method, exactly as the twin does.
+        self._transport = value
+        self._ws = value if isinstance(value, WSTransport) else None
+
+
+cdef int _merge(object target, object account_id, object type_states) except -1:
+    # Attribute access stays generic (not the Target struct) so that duck-typed targets behave as in the twin.
+    pending = target.pending
+    if pending is None:
+        target.pending = {account_id: dict(type_states)}
+        return 0
+    current = pending.get(account_id)
+    if current is None:
+        pending[account_id] = dict(type_states)
+    else:
+        current.update(type_states)
+    return 0
+
+
+def merge(target, account_id, type_states):
+    """Fold a change into the target's pending StateChange (newest state wins)."""
+    _merge(target, account_id, type_states)
+
+
+cdef inline int _write_target(Target target, bytearray plain, bytearray compressed,
+                              bint have_compressed) except -1:
+    cdef WSTransport ws = target._ws
+    if have_compressed and target.deflate:
+        # RFC 7692 §6: rsv1 marks the compressed message; the payload is shared by every recipient.
+        if ws is not None:
+            ws.send_reuse_external_bytearray(WSMsgType.TEXT, compressed, _HEADROOM, True, True)
+        else:
+            target._transport.send_reuse_external_bytearray(TEXT, compressed, HEADROOM, True, True)
+    elif ws is not None:
+        ws.send_reuse_external_bytearray(WSMsgType.TEXT, plain, _HEADROOM)
+    else:
+        target._transport.send_reuse_external_bytearray(TEXT, plain, HEADROOM)
+    return 0
+
+
+cdef int _write_other(object target, bytearray plain, bytearray compressed, bint have_compressed) except -1:
+    # Anything that is not exactly a Target (a subclass, a duck-typed object): the twin's statements verbatim.
+    if have_compressed and target.deflate:
+        target.transport.send_reuse_external_bytearray(TEXT, compressed, HEADROOM, True, True)
+    else:
+        target.transport.send_reuse_external_bytearray(TEXT, plain, HEADROOM)
+    return 0
+
+
+def broadcast(targets, plain, compressed, account_id, type_states):
+    """Send the frame to every target; merge it into paused ones. Returns how many were written."""
+    # Checked by hand, with the twin's messages, so that both refuse exactly the same arguments.
+    if type(targets) is not dict:
+        raise TypeError("targets must be a dict")
+    if type(plain) is not bytearray or (compressed is not None and type(compressed) is not bytearray):
+        raise TypeError("plain and compressed must be bytearrays")
+    return _broadcast(<dict>targets, <bytearray>plain, <bytearray>compressed, account_id, type_states)
+
+
+cdef Py_ssize_t _broadcast(dict targets, bytearray plain, bytearray compressed, object account_id,
+                           object type_states) except -1:
+    cdef Py_ssize_t pos = 0
+    cdef Py_ssize_t size = PyDict_GET_SIZE(targets)
+    cdef Py_ssize_t written = 0
+    cdef PyObject* key
+    cdef PyObject* value
+    cdef Target target
+    cdef object other
+    cdef bint have_compressed = compressed is not None
+    while PyDict_Next(targets, &pos, &key, &value):
+        if type(<object>key) is Target:
+            # Holding the reference keeps the target alive even if its send makes someone drop it.
+            target = <Target>key
+            if target.paused:
+                _merge(target, account_id, type_states)
+            else:
+                _write_target(target, plain, compressed, have_compressed)
+                written += 1
+        else:
+            other = <object>key
+            if other.paused:
+                _merge(other, account_id, type_states)
+            else:
+                _write_other(other, plain, compressed, have_compressed)
+                written += 1
+        # A send can run callbacks (pause_writing, errors); if they change the group, stop as a Python
+        # `for` loop over the dict would, instead of visiting an arbitrary subset.
+        if PyDict_GET_SIZE(targets) != size:
+            raise RuntimeError("dictionary changed size during iteration")
+    return written
+
+
+def _is_fast_path(Target target):
+    """For tests: whether writes to this target go through picows' C vtable (a real WSTransport)."""
+    return target._ws is not None
+
+
+@cython.boundscheck(False)
+def _floor_send(const int[::1] fds not None, const unsigned char[::1] frame not None):
+    """Benchmarking only (bench/test_bench_broadcast.py): send(2) `frame` to every fd and nothing else, the
+    syscall floor a broadcast is compared with. Returns how many sends wrote the whole frame."""
+    cdef Py_ssize_t i
+    cdef Py_ssize_t n = fds.shape[0]
+    cdef Py_ssize_t size = frame.shape[0]
+    cdef Py_ssize_t complete = 0
+    cdef const unsigned char* data = &frame[0] if size else NULL
+    with nogil:
+        for i in range(n):
+            # Flags 0, as picows' own fast path uses, so both pay for the same kernel work.
+            if send(fds[i], data, <size_t>size, 0) == size:
+                complete += 1
+    return complete
