@@ -15,6 +15,7 @@ import uvloop
 
 from gateway import native
 from gateway.config import ConfigError, Settings, load
+from gateway.errors import GatewayError
 
 
 def configure_logging(level: str) -> None:
@@ -27,7 +28,12 @@ async def serve(settings: Settings) -> None:
     from gateway.app import Gateway
 
     gateway = Gateway(settings)
-    await gateway.start()
+    try:
+        await gateway.start()
+    except GatewayError as exc:
+        # e.g. the RabbitMQ bus could not be set up: one clear line, then a non-zero exit.
+        print(f"jmap-gateway: cannot start: {exc}", file=sys.stderr)
+        raise SystemExit(1) from None
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):

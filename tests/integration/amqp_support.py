@@ -1,0 +1,219 @@
+"""Helpers for the RabbitMQ integration tests: where the broker is and whether it is up, a TCP proxy that can
+cut a client's connection, the broker's own view of bindings, queues and connections, and condition polling.
+
+No test logic and no fixtures here. A missing broker skips the tests, except under CI=true: there it fails
+them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import shutil
+import socket
+import time
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+from yarl import URL
+
+BROKER_URL = os.environ.get("GATEWAY_AMQP_URL", "amqp://guest:guest@127.0.0.1:5672/")
+IN_CI = os.environ.get("CI", "").strip().lower() in ("1", "true", "yes")
+
+
+def _unavailable(reason: str) -> None:
+    if IN_CI:
+        pytest.fail(f"{reason} (CI=true: the RabbitMQ integration tests must run)", pytrace=False)
+    pytest.skip(reason)
+
+
+def require_broker() -> str:
+    """The broker's URL; skip (fail under CI) if nothing accepts TCP connections there."""
+    url = URL(BROKER_URL)
+    host, port = url.host or "127.0.0.1", url.port or 5672
+    try:
+        with socket.create_connection((host, port), timeout=2):
+            pass
+    except OSError as exc:
+        _unavailable(f"RabbitMQ is not reachable at {host}:{port} ({exc}); start it with "
+                     "`rabbitmq-server -detached` or set GATEWAY_AMQP_URL")
+    return BROKER_URL
+
+
+def require_rabbitmqctl() -> None:
+    """Skip (fail under CI) the broker-side checks when rabbitmqctl is not on this machine."""
+    if shutil.which("rabbitmqctl") is None:
+        _unavailable("rabbitmqctl is not installed here; the broker-side checks need it")
+
+
+async def rabbitmqctl_json(*args: str) -> list[dict[str, Any]]:
+    """Run `rabbitmqctl <args> --formatter json` and return its rows."""
+    proc = await asyncio.create_subprocess_exec(
+        "rabbitmqctl", "-q", *args, "--formatter", "json",
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+    out, err = await proc.communicate()
+    if proc.returncode != 0:
+        raise RuntimeError(f"rabbitmqctl {' '.join(args)} failed: {err.decode(errors='replace')}")
+    rows: list[dict[str, Any]] = json.loads(out or b"[]")
+    return rows
+
+
+async def bindings_of(exchange: str) -> set[tuple[str, str]]:
+    """(routing key, destination queue) of every binding whose source is `exchange`."""
+    rows = await rabbitmqctl_json("list_bindings", "source_name", "routing_key", "destination_name")
+    return {(r["routing_key"], r["destination_name"]) for r in rows if r["source_name"] == exchange}
+
+
+async def queues() -> dict[str, dict[str, Any]]:
+    """Every queue of the default vhost by name, with its type, arguments and message counts."""
+    rows = await rabbitmqctl_json("list_queues", "name", "type", "arguments", "exclusive", "durable",
+                                  "messages_ready", "messages_unacknowledged")
+    return {r["name"]: r for r in rows}
+
+
+async def connection_names() -> set[str]:
+    """The `connection_name` client property of every open connection."""
+    rows = await rabbitmqctl_json("list_connections", "client_properties")
+    names: set[str] = set()
+    for row in rows:
+        props = row.get("client_properties")
+        # rabbitmqctl renders the AMQP table as a list of [key, type, value] triples.
+        if isinstance(props, list):
+            for item in props:
+                if isinstance(item, list) and len(item) == 3 and item[0] == "connection_name":
+                    names.add(str(item[2]))
+        elif isinstance(props, dict) and "connection_name" in props:
+            names.add(str(props["connection_name"]))
+    return names
+
+
+async def eventually(predicate: Callable[[], bool], *, timeout: float = 10.0,
+                     what: str = "condition") -> None:
+    """Poll `predicate` until it holds; fail after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            pytest.fail(f"timed out after {timeout:g}s waiting for {what}")
+        await asyncio.sleep(0.01)
+
+
+async def eventually_async(predicate: Callable[[], Any], *, timeout: float = 15.0,
+                           what: str = "condition") -> None:
+    """Like `eventually` for an async predicate (e.g. one that asks rabbitmqctl)."""
+    deadline = time.monotonic() + timeout
+    while not await predicate():
+        if time.monotonic() > deadline:
+            pytest.fail(f"timed out after {timeout:g}s waiting for {what}")
+        await asyncio.sleep(0.05)
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on (just released)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+class SeverableProxy:
+    """A TCP relay between a client and the broker that can cut every connection and refuse new ones.
+
+    `sever()` aborts both sides of every relayed connection (the broker sees its client vanish and drops the
+    exclusive queue) and closes new connections at once until `restore()`.
+    """
+
+    def __init__(self, target_host: str, target_port: int) -> None:
+        self._target = (target_host, target_port)
+        self._server: asyncio.Server | None = None
+        self._writers: set[asyncio.StreamWriter] = set()
+        self._tasks: set[asyncio.Task[None]] = set()
+        self.refusing = False
+        self.port = 0
+
+    @classmethod
+    def to_broker(cls) -> SeverableProxy:
+        url = URL(BROKER_URL)
+        return cls(url.host or "127.0.0.1", url.port or 5672)
+
+    def url(self) -> str:
+        """The broker URL with host and port replaced by this proxy's."""
+        return str(URL(BROKER_URL).with_host("127.0.0.1").with_port(self.port))
+
+    async def start(self) -> None:
+        self._server = await asyncio.start_server(self._on_client, "127.0.0.1", 0)
+        self.port = self._server.sockets[0].getsockname()[1]
+
+    async def _on_client(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        if self.refusing:
+            _abort(writer)
+            return
+        try:
+            up_reader, up_writer = await asyncio.open_connection(*self._target)
+        except OSError:
+            _abort(writer)
+            return
+        self._writers.update((writer, up_writer))
+        for src, dst in ((reader, up_writer), (up_reader, writer)):
+            task = asyncio.create_task(self._pipe(src, dst))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+
+    async def _pipe(self, src: asyncio.StreamReader, dst: asyncio.StreamWriter) -> None:
+        try:
+            while data := await src.read(65536):
+                dst.write(data)
+                await dst.drain()
+        except (OSError, asyncio.IncompleteReadError):
+            pass
+        finally:
+            _abort(dst)
+            self._writers.discard(dst)
+
+    def sever(self) -> None:
+        self.refusing = True
+        for writer in list(self._writers):
+            _abort(writer)
+        self._writers.clear()
+
+    def restore(self) -> None:
+        self.refusing = False
+
+    async def close(self) -> None:
+        self.sever()
+        if self._server is not None:
+            self._server.close()
+            await self._server.wait_closed()
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+
+
+class SilentServer:
+    """Accepts TCP connections and never answers: a broker that hangs during the handshake."""
+
+    def __init__(self) -> None:
+        self._server: asyncio.Server | None = None
+        self._writers: list[asyncio.StreamWriter] = []
+        self.port = 0
+
+    async def start(self) -> None:
+        self._server = await asyncio.start_server(self._on_client, "127.0.0.1", 0)
+        self.port = self._server.sockets[0].getsockname()[1]
+
+    async def _on_client(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self._writers.append(writer)
+
+    async def close(self) -> None:
+        for writer in self._writers:
+            _abort(writer)
+        if self._server is not None:
+            self._server.close()
+            await self._server.wait_closed()
+
+
+def _abort(writer: asyncio.StreamWriter) -> None:
+    with contextlib.suppress(Exception):
+        writer.transport.abort()
