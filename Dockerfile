@@ -6,8 +6,10 @@ WORKDIR /src
 COPY pyproject.toml setup.py README.md ./
 COPY gateway ./gateway
 COPY native ./native
-RUN pip install --no-cache-dir build && python -m build --wheel --outdir /wheels . \
-    && pip wheel --no-cache-dir --wheel-dir /wheels /wheels/*.whl
+# Build against the same picows the image runs with (the broadcast loop cimports its .pxd).
+RUN pip install --no-cache-dir 'setuptools>=77' wheel 'Cython>=3.0,<4' 'picows>=2.3,<3' \
+    && pip wheel --no-cache-dir --no-build-isolation --wheel-dir /wheels . \
+    && python -c "import glob,sys; sys.exit(0 if glob.glob('/src/build/**/_coalesce*.so', recursive=True) else 1)"
 
 FROM python:3.11-slim
 RUN useradd --system --uid 10001 --home-dir /var/lib/gateway --create-home gateway

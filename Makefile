@@ -9,7 +9,9 @@ STAMP  := $(VENV)/.installed
 $(STAMP): pyproject.toml setup.py
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e '.[dev]'
+	# The native modules cimport picows' .pxd: build them against the very picows the venv runs with.
+	$(PY) -m pip install -q 'setuptools>=77' wheel 'Cython>=3.0,<4' 'picows>=2.3,<3'
+	$(PY) -m pip install -q --no-build-isolation -e '.[dev]'
 	touch $(STAMP)
 
 # Cythonize and compile native/ into the package (a no-op when nothing changed).
