@@ -11,7 +11,7 @@ RUN pip install --no-cache-dir 'setuptools>=77' wheel 'Cython>=3.0,<4' 'picows>=
     && pip wheel --no-cache-dir --no-build-isolation --wheel-dir /wheels .
 # Fail the build, not the container, when a native module is missing from the wheel.
 RUN pip install --no-cache-dir /wheels/jmap_push_gateway-*.whl \
-    && GATEWAY_REQUIRE_NATIVE=1 python -c "from gateway import native; native.require_all()"
+    && cd / && python -c "from gateway import native; native.require_all()"
 
 FROM python:3.11-slim
 RUN useradd --system --uid 10001 --home-dir /var/lib/gateway --create-home gateway
