@@ -282,3 +282,15 @@ async def test_slow_client_is_closed_after_the_timeout(make_gateway: GatewayFact
 
 
 _ = (CLOSE, struct)
+
+
+async def test_push_coalesce_window_merges_changes(make_gateway: GatewayFactory) -> None:
+    gw = await make_gateway(PUSH_COALESCE_MS="200")
+    async with await connect(gw) as ws:
+        await enable(ws)
+        await publish(gw, BOB[0], Email="e1")
+        await publish(gw, BOB[0], Email="e2", Mailbox="m2")
+        await publish(gw, ALICE[0], Email="a1")  # nobody here covers Alice: nothing for Bob
+        push = await recv_json(ws)  # arrives when the window closes
+        assert push["changed"] == {BOB_ACC: {"Email": "e2", "Mailbox": "m2"}}
+        assert await next_push_or_none(ws) is None  # one StateChange for the whole window
