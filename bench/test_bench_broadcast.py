@@ -25,7 +25,7 @@ from typing import Any
 import picows
 import pytest
 import uvloop
-from picows import WSFrame, WSListener, WSMsgType, WSTransport
+from picows import WSFrame, WSListener, WSTransport
 
 from gateway import native
 

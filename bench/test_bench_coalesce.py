@@ -6,6 +6,7 @@ meaning are in bench/README.md. These are measurements, not tests: nothing here 
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Callable
 from types import ModuleType
 
@@ -52,7 +53,7 @@ def _frames(data: bytes, count: int) -> list[tuple[int, bool, memoryview]]:
     step = -(-len(data) // count)
     bounds = [*range(0, len(data), step), len(data)]
     return [(TEXT if i == 0 else CONTINUATION, i == count - 1, view[a:b])
-            for i, (a, b) in enumerate(zip(bounds, bounds[1:], strict=False))]
+            for i, (a, b) in enumerate(itertools.pairwise(bounds))]
 
 
 @pytest.fixture(params=["native", "python"])

@@ -39,7 +39,7 @@ async def serve(settings: Settings) -> None:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     print(f"jmap-push-gateway listening on {settings.base_url(gateway.port)} "
-          f"(WebSocket {settings.base_url(gateway.port)}/jmap/ws)", flush=True)
+          f"(WebSocket ws{settings.base_url(gateway.port).removeprefix('http')}/jmap/ws)", flush=True)
     await stop.wait()
     logging.getLogger(__name__).info("shutting down")
     await gateway.stop()
