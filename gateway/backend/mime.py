@@ -246,8 +246,11 @@ def _raw_headers_of(part: Message) -> list[dict[str, str]]:
     return [{"name": k, "value": " " + str(v)} for k, v in part.raw_items()]
 
 
-def _leaf_bytes(part: Message) -> bytes:
-    if part.get_content_maintype() == "message" and part.is_multipart():
+# With policy=default every header read builds a parsed header object, so each part's type is read once and
+# passed along rather than asked for again.
+
+def _leaf_bytes(part: Message, content_type: str) -> bytes:
+    if content_type.startswith("message/") and part.is_multipart():
         inner = part.get_payload(0)
         return cast(Message, inner).as_bytes(policy=policy.SMTP)
     payload = part.get_payload(decode=True)
@@ -256,29 +259,32 @@ def _leaf_bytes(part: Message) -> bytes:
     return b""
 
 
-def _is_container(part: Message) -> bool:
-    return part.get_content_maintype() == "multipart" and isinstance(part.get_payload(), list)
+def _is_container(part: Message, content_type: str) -> bool:
+    return content_type.startswith("multipart/") and isinstance(part.get_payload(), list)
 
 
-def iter_leaves(message: Message) -> Iterator[Message]:
-    """The leaf parts in the order their partIds ("1", "2", ...) are assigned."""
-    if _is_container(message):
+def iter_leaves(message: Message) -> Iterator[tuple[Message, str]]:
+    """(part, content type) of the leaf parts, in the order their partIds ("1", "2", ...) are assigned."""
+    content_type = message.get_content_type()
+    if _is_container(message, content_type):
         for sub in cast(list[Message], message.get_payload()):
             yield from iter_leaves(sub)
     else:
-        yield message
+        yield message, content_type
 
 
-def _charset(part: Message) -> str | None:
+def _charset(part: Message, content_type: str) -> str | None:
     # RFC 8621 §4.1.4 `charset`: the parameter for text/*, us-ascii when implicit, null for other types.
-    if part.get_content_maintype() == "text":
+    if content_type.startswith("text/"):
         return part.get_content_charset() or "us-ascii"
-    if part.get("Content-Type") is None and part.get_content_type() != "message/rfc822":
+    if "Content-Type" not in part and content_type != "message/rfc822":
         return "us-ascii"
     return None
 
 
 def _optional_str(part: Message, name: str) -> str | None:
+    if name not in part:  # a cheap scan of the raw names; parsing only what is there
+        return None
     try:
         value = part.get(name)
     except Exception:  # a header the stdlib cannot parse is treated as absent
@@ -286,13 +292,15 @@ def _optional_str(part: Message, name: str) -> str | None:
     return str(value).strip() if value is not None else None
 
 
-def _structure(part: Message, blob_id: str, counter: list[int], headers: list[dict[str, str]] | None
+def _structure(part: Message, blob_id: str, leaves: list[Message], headers: list[dict[str, str]] | None
                ) -> dict[str, Any]:
+    content_type = part.get_content_type()
     node: dict[str, Any] = {
         "partId": None, "blobId": None, "size": 0,
         "headers": headers if headers is not None else _raw_headers_of(part),
-        "name": None, "type": part.get_content_type(), "charset": _charset(part),
-        "disposition": part.get_content_disposition(), "cid": None, "language": None, "location": None,
+        "name": None, "type": content_type, "charset": _charset(part, content_type),
+        "disposition": part.get_content_disposition() if "Content-Disposition" in part else None,
+        "cid": None, "language": None, "location": None,
     }
     try:
         node["name"] = part.get_filename()
@@ -305,14 +313,14 @@ def _structure(part: Message, blob_id: str, counter: list[int], headers: list[di
     if language:
         node["language"] = [t.strip() for t in language.split(",") if t.strip()]
     node["location"] = _optional_str(part, "Content-Location")
-    if _is_container(part):
-        node["subParts"] = [_structure(p, blob_id, counter, None)
+    if _is_container(part, content_type):
+        node["subParts"] = [_structure(p, blob_id, leaves, None)
                             for p in cast(list[Message], part.get_payload())]
     else:
-        counter[0] += 1
-        node["partId"] = str(counter[0])
+        leaves.append(part)
+        node["partId"] = str(len(leaves))
         node["blobId"] = part_blob_id(blob_id, node["partId"])
-        node["size"] = len(_leaf_bytes(part))
+        node["size"] = len(_leaf_bytes(part, content_type))
     return node
 
 
@@ -433,8 +441,8 @@ def decode_text(payload: bytes, charset: str | None) -> tuple[str, bool]:
         return payload.decode(name, "replace"), True
 
 
-def leaf_text(part: Message) -> tuple[str, bool]:
-    return decode_text(_leaf_bytes(part), part.get_content_charset())
+def leaf_text(part: Message, content_type: str) -> tuple[str, bool]:
+    return decode_text(_leaf_bytes(part, content_type), part.get_content_charset())
 
 
 # --- parsing ------------------------------------------------------------------------------------------------
@@ -470,24 +478,25 @@ def parse_message(raw: bytes) -> ParsedEmail:
     def last(name: str, form: str) -> Any:
         return header_value(headers, HeaderProperty(name, form, False))
 
-    structure = _structure(message, blob_id, [0], headers)
+    leaf_parts: list[Message] = []
+    structure = _structure(message, blob_id, leaf_parts, headers)
     text: list[dict[str, Any]] = []
     html: list[dict[str, Any]] = []
     attachments: list[dict[str, Any]] = []
     _flatten([structure], "mixed", False, html, text, attachments)
 
-    leaves = {str(i): p for i, p in enumerate(iter_leaves(message), start=1)}
+    leaves = {str(i): p for i, p in enumerate(leaf_parts, start=1)}
     bodies: list[str] = []
     for part in text:
         if part["type"].startswith("text/"):
-            content, _ = leaf_text(leaves[part["partId"]])
+            content, _ = leaf_text(leaves[part["partId"]], part["type"])
             bodies.append(html_to_text(content) if part["type"] == "text/html" else content)
     body_text = "\n".join(bodies)
     preview = " ".join(body_text.split())[:PREVIEW_LENGTH]
     if not text:  # an HTML-only or attachment-only message: take the words from the HTML body if any
         for part in html:
             if part["type"] == "text/html":
-                body_text += "\n" + html_to_text(leaf_text(leaves[part["partId"]])[0])
+                body_text += "\n" + html_to_text(leaf_text(leaves[part["partId"]], part["type"])[0])
         preview = " ".join(body_text.split())[:PREVIEW_LENGTH]
 
     sent_at = last("Date", "Date")
@@ -557,11 +566,11 @@ def body_values(raw: bytes, part_ids: Sequence[str], max_bytes: int) -> dict[str
     """RFC 8621 §4.1.4 EmailBodyValue objects for the text partIds, truncated to `max_bytes` (0 = all)."""
     wanted = set(part_ids)
     out: dict[str, dict[str, Any]] = {}
-    for i, part in enumerate(iter_leaves(parse_bytes(raw)), start=1):
+    for i, (part, content_type) in enumerate(iter_leaves(parse_bytes(raw)), start=1):
         pid = str(i)
         if pid not in wanted:
             continue
-        value, problem = leaf_text(part)
+        value, problem = leaf_text(part, content_type)
         truncated = False
         if max_bytes and len(value.encode()) > max_bytes:
             # Truncate on a character boundary of the UTF-8 encoding, as RFC 8621 §4.2 asks.
@@ -573,9 +582,9 @@ def body_values(raw: bytes, part_ids: Sequence[str], max_bytes: int) -> dict[str
 
 def leaf_content(raw: bytes, part_id: str) -> bytes | None:
     """The decoded octets of one leaf part (what its blobId downloads), None if there is no such part."""
-    for i, part in enumerate(iter_leaves(parse_bytes(raw)), start=1):
+    for i, (part, content_type) in enumerate(iter_leaves(parse_bytes(raw)), start=1):
         if str(i) == part_id:
-            return _leaf_bytes(part)
+            return _leaf_bytes(part, content_type)
     return None
 
 
@@ -601,6 +610,9 @@ class MissingBlobs(LookupError):
 _ADDRESS_PROPS = {"sender": "Sender", "from": "From", "to": "To", "cc": "Cc", "bcc": "Bcc",
                   "replyTo": "Reply-To"}
 _MSGID_PROPS = {"messageId": "Message-ID", "inReplyTo": "In-Reply-To", "references": "References"}
+# The partId of the empty text/plain body given to a message created without any body (not a JSON-safe
+# client partId in practice, and harmless if a client sends it: it is just another body value).
+_EMPTY_PART = "\0empty"
 _PART_KEYS = frozenset({"partId", "blobId", "size", "headers", "name", "type", "charset", "disposition",
                         "cid", "language", "location", "subParts"})
 
@@ -820,7 +832,7 @@ def _structure_from_lists(create: Mapping[str, Any]) -> dict[str, Any]:
     if others:
         return {"type": "multipart/mixed", "subParts": ([body] if body else []) + others}
     if body is None:
-        return {"partId": "\0empty", "type": "text/plain"}
+        return {"partId": _EMPTY_PART, "type": "text/plain"}
     return body
 
 
@@ -830,7 +842,7 @@ def compose_message(create: Mapping[str, Any], *, fetch_blob: Callable[[str], by
     values = create.get("bodyValues") or {}
     if not isinstance(values, dict):
         raise ComposeError(["bodyValues"], "bodyValues must be an object")
-    body_values: dict[str, str] = {"\0empty": ""}
+    body_values: dict[str, str] = {_EMPTY_PART: ""}
     for pid, bv in values.items():
         if not isinstance(bv, dict) or not isinstance(bv.get("value"), str) or \
                 bv.get("isEncodingProblem") or bv.get("isTruncated"):

@@ -183,6 +183,9 @@ class Store:
         if account_id in self._known_accounts:
             return
         db = self.db
+        if db.in_transaction:
+            # Its own commit must not end someone else's transaction: call it before opening one.
+            raise RuntimeError("ensure_account inside a transaction")
         if db.execute("SELECT 1 FROM accounts WHERE id=?", (account_id,)).fetchone() is None:
             db.execute("BEGIN IMMEDIATE")
             try:
@@ -194,7 +197,8 @@ class Store:
                     [(account_id, new_id("B"), name, role, order) for name, role, order in DEFAULT_MAILBOXES])
                 db.execute("COMMIT")
             except BaseException:
-                db.execute("ROLLBACK")
+                if db.in_transaction:
+                    db.execute("ROLLBACK")
                 raise
         self._known_accounts.add(account_id)
 
@@ -356,9 +360,10 @@ class Store:
             tx.finish()
             self.db.execute("COMMIT")
         except BaseException:
-            self.db.execute("ROLLBACK")
+            # SQLite may already have rolled back by itself (e.g. on SQLITE_FULL).
+            if self.db.in_transaction:
+                self.db.execute("ROLLBACK")
             raise
-        tx.committed = True
 
 
 def _fold(value: str | None) -> str | None:
@@ -388,7 +393,6 @@ class Transaction:
         self.store = store
         self._accounts: dict[str, AccountWriter] = {}
         self.new_states: dict[str, dict[str, str]] = {}  # accountId -> changed type -> new state
-        self.committed = False
 
     def account(self, account_id: str) -> AccountWriter:
         writer = self._accounts.get(account_id)
@@ -435,8 +439,10 @@ class AccountWriter:
         self._bumps.add(type_)
 
     def _thread_sig(self, thread_id: str) -> _ThreadSig:
+        # CROSS JOIN fixes the join order (SQLite honours it): from the thread's few emails to their
+        # mailboxes, never a walk over all of the account's mailbox memberships.
         per_mailbox = {mb: (total, unread) for mb, total, unread in self.db.execute(
-            "SELECT em.mailbox_id, count(*), sum(e.unread) FROM emails e JOIN email_mailboxes em "
+            "SELECT em.mailbox_id, count(*), sum(e.unread) FROM emails e CROSS JOIN email_mailboxes em "
             "ON em.account_id=e.account_id AND em.email_id=e.id "
             "WHERE e.account_id=? AND e.thread_id=? GROUP BY em.mailbox_id", (self.account_id, thread_id))}
         unread = self.db.execute("SELECT EXISTS(SELECT 1 FROM emails WHERE account_id=? AND thread_id=? "

@@ -3,7 +3,7 @@ a small client speaking ApiRequest, and sample messages."""
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from email.utils import make_msgid
@@ -25,6 +25,8 @@ class Env:
     directory: Directory
     settings: Settings
     events: list[StateChangeEvent] = field(default_factory=list)
+    # Called inside publish, before the events are recorded (to look at the store at that moment).
+    on_publish: Callable[[Sequence[StateChangeEvent]], Awaitable[None]] | None = None
 
     def client(self, username: str = BOB) -> Client:
         return Client(self, username)
@@ -76,7 +78,7 @@ class Client:
 
     async def mailbox(self, role: str, account: str | None = None) -> str:
         got = await self.call("Mailbox/get", {"properties": ["role"]}, account=account)
-        return next(m["id"] for m in got["list"] if m["role"] == role)
+        return next(str(m["id"]) for m in got["list"] if m["role"] == role)
 
     async def mailboxes(self, account: str | None = None) -> dict[str, dict[str, Any]]:
         got = await self.call("Mailbox/get", {}, account=account)
@@ -84,7 +86,7 @@ class Client:
 
     async def state(self, type_: str, account: str | None = None) -> str:
         states = await self.env.backend.current_states(self.principal, [account or self.account_id])
-        return states[account or self.account_id][type_]
+        return str(states[account or self.account_id][type_])
 
     async def email(self, email_id: str, *props: str, **args: Any) -> dict[str, Any]:
         query: dict[str, Any] = {"ids": [email_id], **args}
@@ -92,7 +94,7 @@ class Client:
             query["properties"] = list(props)
         got = await self.call("Email/get", query)
         [email] = got["list"]
-        return email
+        return dict(email)
 
 
 @asynccontextmanager
@@ -103,6 +105,8 @@ async def backend_env(db_path: str, users: Sequence[str] = (BOB, ALICE, CAROL), 
     env = Env(backend=None, directory=directory, settings=settings)  # type: ignore[arg-type]
 
     async def publish(events: Sequence[StateChangeEvent]) -> None:
+        if env.on_publish is not None:
+            await env.on_publish(events)
         env.events.extend(events)
 
     env.backend = EmbeddedBackend(settings, directory, publish, **kwargs)

@@ -129,8 +129,11 @@ class Args:
 # --- /get (RFC 8620 §5.1) --------------------------------------------------------------------------------
 
 def get_ids(ctx: Context, args: Args) -> list[str] | None:
-    """The `ids` argument (null = all), checked against maxObjectsInGet."""
+    """The `ids` argument (null = all), without repeats, checked against maxObjectsInGet."""
     ids = args.string_list("ids")
+    if ids is not None:
+        # RFC 8620 §5.1: an id asked for twice is answered once (in `list` or in `notFound`).
+        ids = list(dict.fromkeys(ids))
     if ids is not None and len(ids) > ctx.limits.max_objects_in_get:
         raise MethodError("requestTooLarge", f"{len(ids)} ids asked; maxObjectsInGet is "
                           f"{ctx.limits.max_objects_in_get}.")
