@@ -10,7 +10,7 @@ import asyncio
 import logging
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 from aiohttp import web
@@ -21,6 +21,7 @@ from prometheus_client.core import GaugeMetricFamily
 from gateway import native
 from gateway.auth import Authenticator
 from gateway.bus.base import Bus
+from gateway.bus.events import StateChangeEvent
 from gateway.bus.memory import MemoryBus
 from gateway.config import Settings
 from gateway.directory import Directory, Principal
@@ -34,7 +35,6 @@ from gateway.transport.http import build_app
 from gateway.transport.timers import TimerWheel
 from gateway.transport.ws import Connection
 from gateway.upstream.base import RequestPath
-from gateway.upstream.core import CoreOnly
 
 log = logging.getLogger(__name__)
 SERVER_FAIL = "urn:ietf:params:jmap:error:serverFail"
@@ -53,7 +53,9 @@ class Gateway:
         self.metrics = Metrics()
         self.auth = Authenticator(settings, self.directory)
         self.bus: Bus = bus or self._make_bus()
-        self.request_path: RequestPath = request_path or CoreOnly()
+        # All-in-one role (DESIGN.md §1): the embedded mail backend answers requests and publishes its changes.
+        self.request_path: RequestPath = request_path or self._make_backend()
+        self._smtp: Any = None
         self.coalesce = native.load("_coalesce", native=True)
         self.broadcast = native.load("_broadcast", native=True)
         self.hub = Hub(self.bus, self.request_path.current_states, self.broadcast,
@@ -80,6 +82,14 @@ class Gateway:
             return AmqpBus(self.settings, self.node_id)
         return MemoryBus()
 
+    def _make_backend(self) -> RequestPath:
+        from gateway.backend.service import EmbeddedBackend
+
+        return EmbeddedBackend(self.settings, self.directory, self._publish)
+
+    async def _publish(self, events: Sequence[StateChangeEvent]) -> None:
+        await self.bus.publish(events)
+
     @property
     def loop(self) -> asyncio.AbstractEventLoop:
         assert self._loop is not None
@@ -92,6 +102,12 @@ class Gateway:
         self._wheel = TimerWheel(self._loop)
         await self.request_path.start()
         await self.bus.start(self.hub.on_events, self.hub.on_gap)
+        if self.settings.smtp_port and hasattr(self.request_path, "deliver"):
+            from gateway.backend.smtp import SmtpListener
+
+            self._smtp = SmtpListener(self.request_path, self.directory,  # type: ignore[arg-type]
+                                      self.settings.smtp_host, self.settings.smtp_port)
+            await self._smtp.start()
         self._runner = web.AppRunner(build_app(self), access_log=None, handle_signals=False)
         await self._runner.setup()
         http_factory = self._runner.server
@@ -125,6 +141,8 @@ class Gateway:
             task.cancel()
         if self._runner is not None:
             await self._runner.cleanup()
+        if self._smtp is not None:
+            await self._smtp.stop()
         await self.bus.stop()
         await self.request_path.stop()
         if self._wheel is not None:

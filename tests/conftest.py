@@ -13,6 +13,7 @@ import websockets
 
 from gateway.app import Gateway
 from gateway.config import load
+from gateway.upstream.core import CoreOnly
 
 ADMIN = "admin-secret"
 BOB = ("bob@example.com", "bob-pw")
@@ -45,8 +46,12 @@ async def make_gateway() -> AsyncIterator[GatewayFactory]:
     """Start gateways with settings overrides (GATEWAY_* names without the prefix, e.g. PING_INTERVAL="1")."""
     started: list[Gateway] = []
 
-    async def factory(request_path: Any = None, **overrides: str) -> Gateway:
+    async def factory(request_path: Any = None, backend: bool = False, **overrides: str) -> Gateway:
+        """`backend=True` runs the embedded mail backend (the default role); otherwise the transport and push
+        tests use the core request path (Core/echo only), so their expectations do not depend on mail state."""
         env = settings_env(**{f"GATEWAY_{k}": v for k, v in overrides.items()})
+        if request_path is None and not backend:
+            request_path = CoreOnly()
         gw = Gateway(load(env), request_path=request_path)
         await gw.start()
         started.append(gw)

@@ -1,0 +1,100 @@
+"""The seed story over real sockets: SMTP delivery -> push -> resynchronisation on the same WebSocket."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import smtplib
+import socket
+from email.message import EmailMessage
+
+import aiohttp
+
+from gateway.directory import account_id_for
+from tests.conftest import ADMIN, ALICE, BOB, GatewayFactory, basic, connect, http_url
+from tests.e2e.test_ws_protocol import recv_json
+
+CORE, MAIL = "urn:ietf:params:jmap:core", "urn:ietf:params:jmap:mail"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def send_mail(port: int, to: str, subject: str) -> None:
+    msg = EmailMessage()
+    msg["From"] = "carol@example.org"
+    msg["To"] = to
+    msg["Subject"] = subject
+    msg["Message-ID"] = f"<{subject.replace(' ', '-')}@example.org>"
+    msg.set_content("Hello from the seed story.")
+    with smtplib.SMTP("127.0.0.1", port, timeout=10) as smtp:
+        smtp.send_message(msg)
+
+
+async def request(ws: object, rid: str, calls: list[list[object]]) -> dict[str, object]:
+    await ws.send(json.dumps({"@type": "Request", "id": rid, "using": [CORE, MAIL], "methodCalls": calls}))  # type: ignore[attr-defined]
+    while True:
+        msg = await recv_json(ws)  # type: ignore[arg-type]
+        if msg.get("requestId") == rid:
+            return msg
+
+
+async def test_seed_story(make_gateway: GatewayFactory) -> None:
+    smtp_port = free_port()
+    gw = await make_gateway(backend=True, SMTP_PORT=str(smtp_port))
+    acc = account_id_for(BOB[0])
+    ws = await connect(gw)
+    assert ws.subprotocol == "jmap"
+    first = await request(ws, "r0", [["Email/get", {"accountId": acc, "ids": []}, "e"],
+                                     ["Mailbox/get", {"accountId": acc, "ids": None}, "m"]])
+    email_state = first["methodResponses"][0][1]["state"]  # type: ignore[index]
+    mailbox_state = first["methodResponses"][1][1]["state"]  # type: ignore[index]
+    await ws.send(json.dumps({"@type": "WebSocketPushEnable", "dataTypes": ["Email", "Mailbox"]}))
+
+    await asyncio.to_thread(send_mail, smtp_port, BOB[0], "seed story")
+    push = await recv_json(ws)
+    assert push["@type"] == "StateChange"
+    changed = push["changed"][acc]  # type: ignore[index]
+    assert set(changed) == {"Email", "Mailbox"}
+
+    sync = await request(ws, "r1", [
+        ["Email/changes", {"accountId": acc, "sinceState": email_state}, "ec"],
+        ["Email/get", {"accountId": acc, "#ids": {"resultOf": "ec", "name": "Email/changes", "path": "/created"},
+                       "properties": ["subject", "mailboxIds", "keywords"]}, "eg"],
+        ["Mailbox/changes", {"accountId": acc, "sinceState": mailbox_state}, "mc"],
+        ["Mailbox/get", {"accountId": acc, "#ids": {"resultOf": "mc", "name": "Mailbox/changes", "path": "/updated"},
+                         "properties": ["name", "role", "unreadEmails", "totalEmails"]}, "mg"],
+    ])
+    responses = {call_id: (name, args) for name, args, call_id in sync["methodResponses"]}  # type: ignore[union-attr]
+    assert responses["ec"][1]["newState"] == changed["Email"]
+    emails = responses["eg"][1]["list"]
+    assert [e["subject"] for e in emails] == ["seed story"]
+    assert responses["mg"][1]["state"] == changed["Mailbox"]
+    inbox = next(m for m in responses["mg"][1]["list"] if m["role"] == "inbox")
+    assert inbox["id"] in emails[0]["mailboxIds"]
+    assert inbox["unreadEmails"] == 1 and inbox["totalEmails"] == 1
+    await ws.close()
+
+
+async def test_delegate_receives_the_owners_changes(make_gateway: GatewayFactory) -> None:
+    smtp_port = free_port()
+    gw = await make_gateway(backend=True, SMTP_PORT=str(smtp_port))
+    async with aiohttp.ClientSession() as http:
+        url = http_url(gw, f"/admin/delegations/{BOB[0]}/{ALICE[0]}")
+        async with http.put(url, headers={"Authorization": f"Bearer {ADMIN}"}) as r:
+            assert r.status == 201
+        async with http.get(http_url(gw, "/jmap/session"), headers={"Authorization": basic(ALICE)}) as r:
+            session = await r.json()
+    bob_acc = account_id_for(BOB[0])
+    assert session["accounts"][bob_acc]["isPersonal"] is False
+    alice = await connect(gw, ALICE)
+    await alice.send(json.dumps({"@type": "WebSocketPushEnable", "dataTypes": ["Email"]}))
+    got = await request(alice, "a1", [["Email/get", {"accountId": bob_acc, "ids": []}, "e"]])
+    assert got["methodResponses"][0][0] == "Email/get"  # type: ignore[index]
+    await asyncio.to_thread(send_mail, smtp_port, BOB[0], "for bob")
+    push = await recv_json(alice)
+    assert push["@type"] == "StateChange" and list(push["changed"]) == [bob_acc]  # type: ignore[arg-type]
+    await alice.close()
