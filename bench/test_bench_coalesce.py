@@ -1,4 +1,4 @@
-"""Benchmarks of the frame coalescer (compiled vs pure-Python twin) and of the msgspec codecs of the socket path.
+"""Benchmarks of the frame coalescer (compiled vs pure-Python twin) and of the socket path's msgspec codecs.
 
 Run with `.venv/bin/python -m pytest bench/test_bench_coalesce.py --benchmark-only -q`; the figures and their
 meaning are in bench/README.md. These are measurements, not tests: nothing here asserts a speed.
@@ -17,30 +17,34 @@ from pytest_benchmark.fixture import BenchmarkFixture
 from gateway import native
 from gateway.jmap.types import ClientMessage, Request, StateChange
 
-TEXT, CONTINUATION, MESSAGE = 1, 0, 1
+TEXT, CONTINUATION = 1, 0  # RFC 6455 §5.2 opcodes
 
 
 def _message(size: int = 2048) -> bytes:
-    """A ~2 KiB JMAP Request as a client sends it: mostly ASCII JSON with some non-ASCII text."""
-    request = {
-        "@type": "Request",
-        "id": "req-42",
-        "using": ["urn:ietf:params:jmap:core", "urn:ietf:params:jmap:mail"],
-        "methodCalls": [
-            ["Email/set", {"accountId": "a" * 64, "create": {"k1": {
-                "mailboxIds": {"inbox": True}, "subject": "Grüße aus Köln — 会议记录 😀",
-                "bodyValues": {"1": {"value": "Ça va? Tschüß! Привет, как дела? " * 12}},
-                "textBody": [{"partId": "1", "type": "text/plain"}]}}}, "c0"],
-            ["Email/changes", {"accountId": "a" * 64, "sinceState": "s123456"}, "c1"],
-            ["Mailbox/get", {"accountId": "a" * 64, "#ids": {"resultOf": "c1", "name": "Email/changes",
-                                                           "path": "/updated"}}, "c2"],
-        ],
-    }
-    data = msgspec.json.encode(request)
-    pad = size - len(data)
-    assert pad >= 0, len(data)
-    # Pad inside the body text so the result stays valid JSON and exactly `size` bytes.
-    return data.replace(b"Tschu\xc3\x9f!", b"Tschu\xc3\x9f!" + b" " * pad, 1)
+    """A 2 KiB JMAP Request as a client sends it: mostly ASCII JSON with some non-ASCII text."""
+
+    def encode(filler: str) -> bytes:
+        body = "Ça va? Tschüß! Привет, как дела? " * 12 + filler
+        return msgspec.json.encode({
+            "@type": "Request",
+            "id": "req-42",
+            "using": ["urn:ietf:params:jmap:core", "urn:ietf:params:jmap:mail"],
+            "methodCalls": [
+                ["Email/set", {"accountId": "a" * 64, "create": {"k1": {
+                    "mailboxIds": {"inbox": True}, "subject": "Grüße aus Köln — 会议记录 😀",
+                    "bodyValues": {"1": {"value": body}},
+                    "textBody": [{"partId": "1", "type": "text/plain"}]}}}, "c0"],
+                ["Email/changes", {"accountId": "a" * 64, "sinceState": "s123456"}, "c1"],
+                ["Mailbox/get", {"accountId": "a" * 64, "#ids": {"resultOf": "c1", "name": "Email/changes",
+                                                               "path": "/updated"}}, "c2"],
+            ],
+        })
+
+    # Plain ASCII prose fills the body up to exactly `size` bytes.
+    data = encode("")
+    data = encode(("Lorem ipsum dolor sit amet. " * 100)[: size - len(data)])
+    assert len(data) == size, len(data)
+    return data
 
 
 MESSAGE_BYTES = _message()

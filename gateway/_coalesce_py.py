@@ -50,10 +50,10 @@ _R_INVALID_UTF8: Final = "invalid UTF-8 in a text message"
 # handled in Coalescer._data (a pending ED A0..BF).
 _Utf8Decoder = codecs.getincrementaldecoder("utf-8")
 
-Payload = bytes | bytearray | memoryview
+_Payload = bytes | bytearray | memoryview
 
 
-def utf8_valid(data: Payload) -> bool:
+def utf8_valid(data: _Payload) -> bool:
     """Whether the whole buffer is valid UTF-8 (RFC 3629); used on inflated permessage-deflate messages."""
     try:
         str(data, "utf-8")
@@ -128,7 +128,7 @@ class Coalescer:
         self._ready = None
         return ERROR
 
-    def feed(self, opcode: int, fin: bool, rsv: int, payload: Payload) -> int:
+    def feed(self, opcode: int, fin: bool, rsv: int, payload: _Payload) -> int:
         """Take one frame; returns PENDING, MESSAGE, CONTROL or ERROR (module constants)."""
         if self._error_code:
             return ERROR
@@ -166,7 +166,7 @@ class Coalescer:
                 return self._fail(_PROTOCOL_ERROR, _R_RSV1_NOT_NEGOTIATED)
         return self._data(opcode, bool(fin), rsv, payload)
 
-    def _data(self, opcode: int, fin: bool, rsv: int, payload: Payload) -> int:
+    def _data(self, opcode: int, fin: bool, rsv: int, payload: _Payload) -> int:
         """A data frame that passed the framing checks."""
         buf = self._buf
         # Checked before anything is stored, so the buffer never grows past the limit.

@@ -104,7 +104,7 @@ cdef bint _utf8_scan(Utf8State* st, const unsigned char* p, Py_ssize_t n) noexce
     cdef Py_ssize_t k
     cdef int need
     cdef unsigned char b, lo, hi
-    cdef uint64_t word
+    cdef uint64_t word = 0  # filled by memcpy; initialised to keep Cython's flow analysis quiet
     if st.need:
         # A code point split across fragments.
         i = _utf8_open(st, p, n)
