@@ -98,3 +98,41 @@ async def test_delegate_receives_the_owners_changes(make_gateway: GatewayFactory
     push = await recv_json(alice)
     assert push["@type"] == "StateChange" and list(push["changed"]) == [bob_acc]  # type: ignore[arg-type]
     await alice.close()
+
+
+async def test_backend_over_http_api_and_download(make_gateway: GatewayFactory) -> None:
+    gw = await make_gateway(backend=True)
+    acc = account_id_for(BOB[0])
+    auth = {"Authorization": basic(BOB)}
+    async with aiohttp.ClientSession() as http:
+        async with http.get(http_url(gw, "/jmap/session"), headers=auth) as r:
+            session = await r.json()
+        assert MAIL in session["capabilities"] and session["primaryAccounts"][MAIL] == acc
+        body = {"using": [CORE, MAIL], "methodCalls": [
+            ["Mailbox/query", {"accountId": acc, "filter": {"role": "drafts"}}, "q"],
+            ["Email/set", {"accountId": acc, "create": {"d1": {
+                "mailboxIds": {}, "subject": "draft via http",
+                "from": [{"email": BOB[0]}], "to": [{"email": ALICE[0]}],
+                "bodyValues": {"b": {"value": "draft body"}}, "textBody": [{"partId": "b", "type": "text/plain"}],
+                "keywords": {"$draft": True}}}}, "s"],
+        ]}
+        async with http.post(http_url(gw, "/jmap/api"), json=body, headers=auth) as r:
+            assert r.status == 200
+            result = await r.json()
+        drafts_id = result["methodResponses"][0][1]["ids"][0]
+        # The create above has no mailbox; JMAP requires one, so it must be refused with invalidProperties.
+        assert result["methodResponses"][1][1]["notCreated"]["d1"]["type"] == "invalidProperties"
+        body["methodCalls"][1][1]["create"]["d1"]["mailboxIds"] = {drafts_id: True}  # type: ignore[index]
+        async with http.post(http_url(gw, "/jmap/api"), json=body, headers=auth) as r:
+            created = (await r.json())["methodResponses"][1][1]["created"]["d1"]
+        get = {"using": [CORE, MAIL], "methodCalls": [["Email/get", {"accountId": acc, "ids": [created["id"]],
+                                                                     "properties": ["subject", "blobId"]}, "g"]]}
+        async with http.post(http_url(gw, "/jmap/api"), json=get, headers=auth) as r:
+            email = (await r.json())["methodResponses"][0][1]["list"][0]
+        assert email["subject"] == "draft via http"
+        url = session["downloadUrl"].format(accountId=acc, blobId=email["blobId"], name="m.eml", type="message/rfc822")
+        async with http.get(url, headers=auth) as r:
+            assert r.status == 200
+            assert b"Subject: draft via http" in await r.read()
+        async with http.get(url, headers={"Authorization": basic(ALICE)}) as r:
+            assert r.status == 404  # Alice may not read Bob's blobs
