@@ -7,7 +7,7 @@ COPY pyproject.toml setup.py README.md ./
 COPY gateway ./gateway
 COPY native ./native
 # Build against the same picows the image runs with (the broadcast loop cimports its .pxd).
-RUN pip install --no-cache-dir 'setuptools>=77' wheel 'Cython>=3.0,<4' 'picows>=2.3,<3' \
+RUN pip install --no-cache-dir 'setuptools>=77' wheel 'Cython>=3.0,<4' 'picows>=2.3,<2.4' \
     && pip wheel --no-cache-dir --no-build-isolation --wheel-dir /wheels .
 # Fail the build, not the container, when a native module is missing from the wheel.
 RUN pip install --no-cache-dir /wheels/jmap_push_gateway-*.whl \

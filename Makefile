@@ -10,7 +10,7 @@ $(STAMP): pyproject.toml setup.py
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	# The native modules cimport picows' .pxd: build them against the very picows the venv runs with.
-	$(PY) -m pip install -q 'setuptools>=77' wheel 'Cython>=3.0,<4' 'picows>=2.3,<3'
+	$(PY) -m pip install -q 'setuptools>=77' wheel 'Cython>=3.0,<4' 'picows>=2.3,<2.4'
 	$(PY) -m pip install -q --no-build-isolation -e '.[dev]'
 	touch $(STAMP)
 
@@ -29,7 +29,7 @@ lint: $(STAMP)
 	$(VENV)/bin/mypy
 
 bench: native
-	$(PY) -m pytest -q bench --benchmark-only $(PYTEST_ARGS)
+	$(PY) -m pytest -s -q bench --benchmark-only $(PYTEST_ARGS)
 
 clean:
 	rm -rf build $(VENV) gateway/*.so gateway/**/*.so native/**/*.c

@@ -22,7 +22,8 @@ def load(name: str, *, native: bool = True) -> ModuleType:
     if native:
         try:
             return importlib.import_module(f"gateway.{name}")
-        except ImportError:
+        except (ImportError, ValueError):
+            # ValueError: Cython's binary-compatibility check (e.g. a picows other than the one built against).
             pass
     return importlib.import_module(f"gateway.{name}_py")
 
@@ -42,7 +43,7 @@ def status() -> dict[str, bool]:
         try:
             importlib.import_module(f"gateway.{name}")
             result[name] = True
-        except ImportError:
+        except (ImportError, ValueError):
             result[name] = False
     return result
 

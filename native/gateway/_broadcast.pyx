@@ -14,10 +14,29 @@ from picows.picows cimport WSMsgType, WSTransport
 
 cdef extern from "Python.h":
     Py_ssize_t PyDict_GET_SIZE(object d)
+    ctypedef struct PyTypeObject
+    PyTypeObject* Py_TYPE(PyObject* o)
+
+
+cdef extern from *:
+    # GCC/Clang builtin: a hint that never faults, so it is safe on any address.
+    void __builtin_prefetch(const void* addr) nogil
 
 
 cdef extern from "<sys/socket.h>" nogil:
     ssize_t send(int fd, const void* buf, size_t n, int flags)
+
+
+# This module calls WSTransport's methods through the vtable layout of the picows.pxd it was compiled against;
+# Cython checks the object size at import but not that layout. A picows of another minor version may order its
+# methods differently, so refuse to load (native.load then reports the module missing) rather than call the
+# wrong slot. Move this constant with the picows pin (pyproject.toml, Dockerfile) only after reading the new
+# picows.pxd, then rebuild.
+_PICOWS_SERIES = "2.3"
+from picows import __version__ as _picows_version
+if not (_picows_version + ".").startswith(_PICOWS_SERIES + "."):
+    raise ImportError(f"gateway._broadcast was written against picows {_PICOWS_SERIES}.x, found {_picows_version}:"
+                      " check picows.pxd, update _PICOWS_SERIES and rebuild")
 
 
 cdef enum:
@@ -113,6 +132,44 @@ def broadcast(targets, plain, compressed, account_id, type_states):
     return _broadcast(<dict>targets, <bytearray>plain, <bytearray>compressed, account_id, type_states)
 
 
+cdef inline void _prefetch(const void* p, int lines) noexcept nogil:
+    cdef const char* c = <const char*>p
+    cdef int i
+    for i in range(lines):
+        __builtin_prefetch(c + 64 * i)
+
+
+cdef inline void _prefetch_ahead(dict targets, Py_ssize_t pos) noexcept:
+    """Start loading what the next sends will touch while the kernel works on this one.
+
+    Per recipient a write reads a Target, its WSTransport and that transport's asyncio transport, scattered
+    over the heap; with thousands of recipients they miss the caches, which the syscall floor does not pay.
+    A three-stage pipeline: the Target three ahead, the WSTransport two ahead (its pointer is read from a Target
+    loaded one round ago), and one ahead what picows' send reads behind the WSTransport. Every pointer is read
+    from the dict now, never kept across a send, so a send that changes the group cannot leave one dangling.
+    """
+    cdef PyObject* k1
+    cdef PyObject* k2
+    cdef PyObject* k3
+    cdef PyObject* ws
+    cdef Py_ssize_t p = pos
+    if not PyDict_Next(targets, &p, &k1, NULL):
+        return
+    if Py_TYPE(k1) == <PyTypeObject*>Target:
+        ws = <PyObject*>(<Target>k1)._ws
+        if ws != <PyObject*>None:
+            _prefetch(<PyObject*>(<WSTransport>ws)._tr_get_write_buffer_size, 2)
+            _prefetch(<PyObject*>(<WSTransport>ws).underlying_transport, 4)
+    if not PyDict_Next(targets, &p, &k2, NULL):
+        return
+    if Py_TYPE(k2) == <PyTypeObject*>Target:
+        ws = <PyObject*>(<Target>k2)._ws
+        if ws != <PyObject*>None:
+            _prefetch(ws, 4)
+    if PyDict_Next(targets, &p, &k3, NULL):
+        _prefetch(k3, 2)
+
+
 cdef Py_ssize_t _broadcast(dict targets, bytearray plain, bytearray compressed, object account_id,
                            object type_states) except -1:
     cdef Py_ssize_t pos = 0
@@ -124,6 +181,7 @@ cdef Py_ssize_t _broadcast(dict targets, bytearray plain, bytearray compressed, 
     cdef object other
     cdef bint have_compressed = compressed is not None
     while PyDict_Next(targets, &pos, &key, &value):
+        _prefetch_ahead(targets, pos)
         if type(<object>key) is Target:
             # Holding the reference keeps the target alive even if its send makes someone drop it.
             target = <Target>key
