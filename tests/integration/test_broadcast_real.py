@@ -12,7 +12,6 @@ import base64
 import os
 import zlib
 from collections.abc import AsyncIterator
-from types import ModuleType
 from typing import Any
 
 import picows
@@ -28,19 +27,11 @@ from picows import (
 )
 
 from gateway import native
+from tests.native_impl import load_impl
 
 HEADROOM = 14
 PAYLOAD = b'{"@type":"StateChange","changed":{"acc":{"Email":"s42","Mailbox":"m7"}},"pushState":"p1"}'
 STATES = {"Email": "s42", "Mailbox": "m7"}
-
-
-def _native_module() -> ModuleType:
-    module = native.load("_broadcast", native=True)
-    if native.is_native(module):
-        return module
-    if os.environ.get("CI", "").lower() == "true":
-        pytest.fail("gateway._broadcast is not compiled (run `make native`)")
-    pytest.skip("gateway._broadcast is not compiled (run `make native`)")
 
 
 def deflated(payload: bytes) -> bytes:
@@ -120,7 +111,7 @@ async def read_frame(reader: asyncio.StreamReader) -> bytes:
 
 
 async def test_both_implementations_write_identical_frames_to_real_clients(server: Server) -> None:
-    compiled, twin = _native_module(), native.load("_broadcast", native=False)
+    compiled, twin = load_impl("_broadcast", "native"), native.load("_broadcast", native=False)
     url = f"ws://127.0.0.1:{server.port}"
     plain_clients = [await websockets.connect(url + "/plain", compression=None, ping_interval=None)
                      for _ in range(2)]
@@ -168,7 +159,7 @@ async def test_both_implementations_write_identical_frames_to_real_clients(serve
 
 
 async def test_compressed_frames_carry_rsv1_on_the_wire(server: Server) -> None:
-    compiled, twin = _native_module(), native.load("_broadcast", native=False)
+    compiled, twin = load_impl("_broadcast", "native"), native.load("_broadcast", native=False)
     # A raw client that asked for nothing still shows the bytes a deflate peer would get when the target says
     # it negotiated deflate: the same header and payload from both implementations, with rsv1 set.
     reader, writer = await raw_connect(server.port)

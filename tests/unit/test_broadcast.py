@@ -7,7 +7,6 @@ clients are in tests/integration/test_broadcast_real.py.
 
 from __future__ import annotations
 
-import os
 from types import ModuleType
 from typing import Any
 
@@ -16,6 +15,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from gateway import native
+from tests.native_impl import load_impl
 
 TEXT = 1
 HEADROOM = 14
@@ -23,26 +23,14 @@ HEADROOM = 14
 Call = tuple[str, str, tuple[Any, ...]]
 
 
-def _native_module() -> ModuleType:
-    module = native.load("_broadcast", native=True)
-    if native.is_native(module):
-        return module
-    # A missing build must not turn into a green run in CI: there the native half of every test fails.
-    if os.environ.get("CI", "").lower() == "true":
-        pytest.fail("gateway._broadcast is not compiled (run `make native`)")
-    pytest.skip("gateway._broadcast is not compiled (run `make native`)")
-
-
 @pytest.fixture(scope="module", params=["native", "python"])
 def impl(request: pytest.FixtureRequest) -> ModuleType:
-    if request.param == "native":
-        return _native_module()
-    return native.load("_broadcast", native=False)
+    return load_impl("_broadcast", request.param)
 
 
 @pytest.fixture(scope="module")
 def both() -> tuple[ModuleType, ModuleType]:
-    return _native_module(), native.load("_broadcast", native=False)
+    return load_impl("_broadcast", "native"), native.load("_broadcast", native=False)
 
 
 class Frames:

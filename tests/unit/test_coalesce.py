@@ -7,7 +7,6 @@ Not tested here: the picows adapter that feeds the coalescer (the transport test
 from __future__ import annotations
 
 import itertools
-import os
 from collections.abc import Iterable, Sequence
 from types import ModuleType
 from typing import Any
@@ -17,6 +16,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from gateway import native
+from tests.native_impl import load_impl
 
 Frame = tuple[int, bool, int, bytes | bytearray | memoryview]
 
@@ -26,26 +26,14 @@ PENDING, MESSAGE, CONTROL, ERROR = 0, 1, 2, 3
 BIG = 1 << 20
 
 
-def _native_module() -> ModuleType:
-    module = native.load("_coalesce", native=True)
-    if native.is_native(module):
-        return module
-    # A missing build must not turn into a green run in CI: there the native half of every test fails.
-    if os.environ.get("CI", "").lower() == "true":
-        pytest.fail("gateway._coalesce is not compiled (run `make native`)")
-    pytest.skip("gateway._coalesce is not compiled (run `make native`)")
-
-
 @pytest.fixture(scope="module", params=["native", "python"])
 def impl(request: pytest.FixtureRequest) -> ModuleType:
-    if request.param == "native":
-        return _native_module()
-    return native.load("_coalesce", native=False)
+    return load_impl("_coalesce", request.param)
 
 
 @pytest.fixture(scope="module")
 def both() -> tuple[ModuleType, ModuleType]:
-    return _native_module(), native.load("_coalesce", native=False)
+    return load_impl("_coalesce", "native"), native.load("_coalesce", native=False)
 
 
 def trace(module: ModuleType, frames: Iterable[Frame], max_size: int = BIG,

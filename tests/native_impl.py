@@ -1,0 +1,23 @@
+"""The one way tests pick a native module or its twin: a missing build fails under CI=true, else skips."""
+
+from __future__ import annotations
+
+import os
+from types import ModuleType
+
+import pytest
+
+from gateway import native
+
+
+def load_impl(name: str, which: str) -> ModuleType:
+    """`which` is "native" or "python"; the parameter of every twin-comparing fixture."""
+    if which == "python":
+        return native.load(name, native=False)
+    module = native.load(name, native=True)
+    if native.is_native(module):
+        return module
+    # A missing build must not turn into a green run in CI: there the native half of every test fails.
+    if os.environ.get("CI", "").lower() == "true":
+        pytest.fail(f"gateway.{name} is not compiled (run `make native`)")
+    pytest.skip(f"gateway.{name} is not compiled (run `make native`)")
