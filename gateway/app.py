@@ -157,11 +157,17 @@ class Gateway:
 
     # --- the upgrade ---------------------------------------------------------------------------------------
 
-    def _authenticate_upgrade(self, head: RequestHead) -> Principal:
+    async def authenticate(self, authorization: str | None) -> Principal:
+        """The principal of an Authorization header value, for the upgrade and every HTTP call.
+
+        An awaitable on purpose: front mode validates credentials against the upstream (I/O)."""
+        return self.auth.authenticate(authorization)
+
+    async def _authenticate_upgrade(self, head: RequestHead) -> Principal:
         tickets = head.query.get("ticket")
         if tickets:
             return self.auth.redeem_ticket(tickets[0])
-        return self.auth.authenticate(head.get("authorization"))
+        return await self.authenticate(head.get("authorization"))
 
     async def _accept_websocket(self, head: RequestHead, transport: asyncio.Transport, buffered: bytes) -> None:
         extra_headers: dict[str, str] = {}
@@ -173,7 +179,7 @@ class Gateway:
             self.metrics.upgrades.labels("no_subprotocol").inc()
             raise HTTPProblem(400, 'The WebSocket subprotocol "jmap" must be offered (RFC 8887 §3).')
         try:
-            principal = self._authenticate_upgrade(head)
+            principal = await self._authenticate_upgrade(head)
         except HTTPProblem:
             self.metrics.upgrades.labels("unauthorized").inc()
             raise

@@ -53,9 +53,9 @@ async def problems(request: web.Request, handler: Any) -> web.StreamResponse:
     return response
 
 
-def _principal(request: web.Request) -> Principal:
+async def _principal(request: web.Request) -> Principal:
     gw = request.app[GATEWAY_KEY]
-    return gw.auth.authenticate(request.headers.get("Authorization"))
+    return await gw.authenticate(request.headers.get("Authorization"))
 
 
 def _admin(request: web.Request) -> None:
@@ -84,12 +84,12 @@ async def well_known(request: web.Request) -> web.Response:
 
 async def session(request: web.Request) -> web.Response:
     gw = request.app[GATEWAY_KEY]
-    return _json_response(gw.session_resource(_principal(request)))
+    return _json_response(gw.session_resource(await _principal(request)))
 
 
 async def api(request: web.Request) -> web.Response:
     gw = request.app[GATEWAY_KEY]
-    principal = _principal(request)
+    principal = await _principal(request)
     limit = gw.settings.max_size_request
     if request.content_length is not None and request.content_length > limit:
         raise RequestLevelError(LIMIT, f"The request is larger than maxSizeRequest ({limit} bytes).",
@@ -106,7 +106,7 @@ async def api(request: web.Request) -> web.Response:
 
 async def ticket(request: web.Request) -> web.Response:
     gw = request.app[GATEWAY_KEY]
-    value, valid_until = gw.auth.issue_ticket(_principal(request))
+    value, valid_until = gw.auth.issue_ticket(await _principal(request))
     return _json_response({"value": value, "validUntil": valid_until}, status=201)
 
 
@@ -163,7 +163,7 @@ async def admin_delegation(request: web.Request) -> web.Response:
 
 async def download(request: web.Request) -> web.StreamResponse:
     gw = request.app[GATEWAY_KEY]
-    principal = _principal(request)
+    principal = await _principal(request)
     fetch = getattr(gw.request_path, "download", None)
     if fetch is None:
         raise HTTPProblem(404, "This server has no blobs.")
@@ -175,7 +175,7 @@ async def download(request: web.Request) -> web.StreamResponse:
 
 
 async def not_implemented(request: web.Request) -> web.Response:
-    _principal(request)
+    await _principal(request)
     raise HTTPProblem(501, "This endpoint is advertised by RFC 8620 but not implemented by this gateway yet.")
 
 
