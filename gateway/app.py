@@ -24,8 +24,9 @@ from gateway.bus.base import Bus
 from gateway.bus.events import StateChangeEvent
 from gateway.bus.memory import MemoryBus
 from gateway.config import Settings
+from gateway.deflate import negotiate
 from gateway.directory import Directory, Principal
-from gateway.errors import Close, HTTPProblem, RequestLevelError
+from gateway.errors import Close, HTTPProblem, ProtocolViolation, RequestLevelError
 from gateway.fanout.hub import Hub
 from gateway.jmap.types import CORE, WEBSOCKET
 from gateway.metrics import Metrics, counter, gauge
@@ -58,8 +59,13 @@ class Gateway:
         self._smtp: Any = None
         self.coalesce = native.load("_coalesce", native=True)
         self.broadcast = native.load("_broadcast", native=True)
+        self.deflate = native.load("_deflate", native=True)
+        # RFC 7692 with no context takeover both ways: one compressor and one inflater serve the whole process,
+        # and one compressed payload serves every recipient of a fan-out (DESIGN.md §3).
+        self._compressor = self.deflate.Compressor(settings.deflate_level, 15)
+        self._inflater = self.deflate.Inflater(15)
         self.hub = Hub(self.bus, self.request_path.current_states, self.broadcast,
-                       coalesce_ms=settings.push_coalesce_ms, compress=None)
+                       coalesce_ms=settings.push_coalesce_ms, compress=self._compress)
         self.hub.stats.fanout_seconds = self.metrics.fanout.observe
         self.supported_capabilities: frozenset[str] = frozenset({CORE, WEBSOCKET, *self.request_path.capabilities})
         self.connections: set[Connection] = set()
@@ -190,7 +196,12 @@ class Gateway:
                               headers={"Retry-After": "10"})
         if transport.is_closing():
             return
-        conn = Connection(self, principal)
+        deflate = None
+        if self.settings.deflate:
+            agreed = negotiate(head.get_all("sec-websocket-extensions"))
+            if agreed is not None:
+                deflate, extra_headers["Sec-WebSocket-Extensions"] = agreed
+        conn = Connection(self, principal, deflate)
         response = WSUpgradeResponse.create_101_response(extra_headers=extra_headers)
         protocol = WSProtocol(
             None, None, False, lambda _request: WSUpgradeResponseWithListener(response, conn), self._picows_log,
@@ -257,10 +268,24 @@ class Gateway:
     def send_message(self, conn: Connection, payload: bytes) -> None:
         self.hub.send_one(conn.target, payload)
 
+    def _compress(self, payload: memoryview) -> bytes | None:
+        """Compressed bytes of one outgoing message, or None to send it plain (small messages)."""
+        if len(payload) < self.settings.deflate_min_bytes:
+            return None
+        return bytes(self._compressor.compress(payload))
+
     def inflate(self, conn: Connection, payload: bytes) -> bytes | None:
-        # permessage-deflate is not negotiated yet, so the coalescer refuses rsv1 before this is reached.
-        conn.close(Close.PROTOCOL_ERROR, "rsv1 without permessage-deflate")
-        return None
+        """Inflate a message whose first frame had rsv1 (RFC 7692 §7.2.2); close the socket when it is bad."""
+        try:
+            # The size limit applies to the inflated message and is enforced while inflating (no bomb).
+            data: bytes = self._inflater.inflate(payload, self.settings.message_limit)
+        except ProtocolViolation as exc:
+            conn.close(exc.code, exc.reason)
+            return None
+        if conn.coalescer.opcode == 1 and not self.coalesce.utf8_valid(data):
+            conn.close(Close.INVALID_TEXT, "invalid UTF-8 in a text message")
+            return None
+        return data
 
     def _on_delegation(self, owner: str, delegate: str, granted: bool) -> None:
         # Live update: the delegate's open sockets see the new account list; push subscriptions follow it.
@@ -364,7 +389,7 @@ class Gateway:
         yield gauge("gateway_push_subscriptions", "Push-enabled sessions", self.hub.subscriptions)
         impl = GaugeMetricFamily("gateway_native_module", "1 when the compiled module runs, 0 for the Python twin",
                                  labels=["module"])
-        for name, module in (("coalesce", self.coalesce), ("broadcast", self.broadcast)):
+        for name, module in (("coalesce", self.coalesce), ("broadcast", self.broadcast), ("deflate", self.deflate)):
             impl.add_metric([name], 1.0 if native.is_native(module) else 0.0)
         yield impl
         for attr in ("received_events", "poison_messages", "published_events", "reconnects"):

@@ -159,6 +159,12 @@ SPECS: tuple[Spec, ...] = (
          "`maxSizeUpload` advertised in the session."),
     Spec("GATEWAY_MAX_CONCURRENT_UPLOAD", "max_concurrent_upload", _int(1, 1000), "4",
          "`maxConcurrentUpload` advertised in the session."),
+    # --- permessage-deflate (RFC 7692) ---
+    Spec("GATEWAY_DEFLATE", "deflate", _bool, "true",
+         "Accept permessage-deflate offers (always with server_ and client_no_context_takeover)."),
+    Spec("GATEWAY_DEFLATE_LEVEL", "deflate_level", _int(1, 9), "6", "zlib compression level of outgoing messages."),
+    Spec("GATEWAY_DEFLATE_MIN_BYTES", "deflate_min_bytes", _int(0, 1 << 30), "128",
+         "Messages smaller than this are sent uncompressed (RFC 7692 allows it per message)."),
     # --- push fan-out ---
     Spec("GATEWAY_BUS", "bus", _choice("memory", "amqp"), "memory",
          "Event bus: `memory` (in-process, embedded default) or `amqp` (RabbitMQ, Apache James's format)."),
@@ -227,6 +233,9 @@ class Settings:
     max_objects_in_set: int = 500
     max_size_upload: int = 50_000_000
     max_concurrent_upload: int = 4
+    deflate: bool = True
+    deflate_level: int = 6
+    deflate_min_bytes: int = 128
     bus: str = "memory"
     admin_token: str | None = None
     max_connections_per_user: int = 64

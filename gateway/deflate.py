@@ -37,10 +37,11 @@ class TooBig(ProtocolViolation):
 
 
 class Corrupt(ProtocolViolation):
-    """The compressed payload is not valid DEFLATE data: RFC 7692 §6.2 has the connection failed (1002)."""
+    """The compressed payload is not valid DEFLATE data: RFC 7692 §6.2 has the connection failed. The code is
+    1007 (RFC 6455 §7.4.1: data inconsistent with the message's type), the project's protocol decision."""
 
     def __init__(self, reason: str = "invalid compressed data") -> None:
-        super().__init__(Close.PROTOCOL_ERROR, reason)
+        super().__init__(Close.INVALID_TEXT, reason)
 
 
 @dataclass(frozen=True, slots=True)

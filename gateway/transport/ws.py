@@ -56,7 +56,10 @@ class Connection(WSListener):
         self.transport = transport
         gw = self.gw
         transport.underlying_transport.set_write_buffer_limits(high=gw.settings.write_high_water)
-        self.target = gw.broadcast.Target(transport, self.deflate is not None)
+        # The shared compressor uses a 32 KiB window: a peer that limited ours (server_max_window_bits < 15)
+        # gets plain frames, which RFC 7692 §6 allows for any message.
+        compress = self.deflate is not None and self.deflate.server_max_window_bits == 15
+        self.target = gw.broadcast.Target(transport, compress)
         self.last_seen = gw.loop.time()
         gw.connection_opened(self)
         exp = self.principal.expires_at

@@ -225,7 +225,7 @@ def test_bomb_stops_at_the_limit(impl: ModuleType, bomb: bytes) -> None:
 def test_corrupt_input(impl: ModuleType, payload: bytes) -> None:
     with pytest.raises(Corrupt) as excinfo:
         impl.Inflater().inflate(payload, 1000)
-    assert excinfo.value.code == 1002  # RFC 6455 §7.4.1: protocol error
+    assert excinfo.value.code == 1007  # RFC 6455 §7.4.1: invalid payload data
 
 
 def test_state_is_clean_after_errors(impl: ModuleType) -> None:
