@@ -46,6 +46,7 @@ class _PicowsLog(logging.LoggerAdapter[logging.Logger]):
 
 
 class Gateway:
+    connection_class: type[Connection] = Connection  # the echo tool swaps in a listener without JMAP
     def __init__(self, settings: Settings, *, request_path: RequestPath | None = None, bus: Bus | None = None,
                  directory: Directory | None = None, node_id: str | None = None) -> None:
         self.settings = settings
@@ -201,7 +202,7 @@ class Gateway:
             agreed = negotiate(head.get_all("sec-websocket-extensions"))
             if agreed is not None:
                 deflate, extra_headers["Sec-WebSocket-Extensions"] = agreed
-        conn = Connection(self, principal, deflate)
+        conn = self.connection_class(self, principal, deflate)
         response = WSUpgradeResponse.create_101_response(extra_headers=extra_headers)
         protocol = WSProtocol(
             None, None, False, lambda _request: WSUpgradeResponseWithListener(response, conn), self._picows_log,

@@ -117,6 +117,10 @@ class Connection(WSListener):
             if payload is None:
                 return
         self.gw.metrics.message_in()
+        self.on_message(opcode, payload)
+
+    def on_message(self, opcode: int, payload: bytes) -> None:
+        """A complete, inflated, validated message: the JMAP session decides what happens."""
         action = self.session.receive(opcode, payload)
         if isinstance(action, Run):
             self.gw.run_request(self, action)
