@@ -39,6 +39,8 @@ from gateway.upstream.base import RequestPath
 
 log = logging.getLogger(__name__)
 SERVER_FAIL = "urn:ietf:params:jmap:error:serverFail"
+# picows' smallest read buffer (it grows by doubling for larger messages): idle connections dominate memory.
+READ_BUFFER_INIT = 2048
 
 
 class _PicowsLog(logging.LoggerAdapter[logging.Logger]):
@@ -207,7 +209,7 @@ class Gateway:
         protocol = WSProtocol(
             None, None, False, lambda _request: WSUpgradeResponseWithListener(response, conn), self._picows_log,
             True, None, False, 20, 20, WSAutoPingStrategy.PING_WHEN_IDLE, True, self.settings.message_limit, None,
-            4096)
+            READ_BUFFER_INIT)
         # Hand the connection over: picows replays the head, validates the upgrade and answers 101.
         transport.set_protocol(protocol)
         protocol.connection_made(transport)

@@ -142,6 +142,10 @@ class FrontProtocol(asyncio.Protocol):
         assert transport is not None
         try:
             await self._on_upgrade(head, transport, bytes(self._buffer))
+            # The transport may keep a reference to this object after set_protocol; keep nothing alive with it.
+            self._buffer = bytearray()
+            self._transport = None
+            return
         except HTTPProblem as problem:
             self._refuse(problem)
         except Exception:

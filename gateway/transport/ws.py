@@ -25,6 +25,7 @@ log = logging.getLogger(__name__)
 
 _MSG_TYPES = {m.value: m for m in WSMsgType}
 PING_PAYLOAD = b"jmap-gw"
+_NO_HEADERS: Any = ()
 
 
 class Connection(WSListener):
@@ -54,6 +55,11 @@ class Connection(WSListener):
 
     def on_ws_connected(self, transport: WSTransport) -> None:
         self.transport = transport
+        # picows keeps the upgrade request and response for the socket's lifetime; their header maps are ~2 KiB
+        # per idle connection that nothing reads after the handshake.
+        for kept in (transport.request, transport.response):
+            if kept is not None:
+                kept.headers = _NO_HEADERS
         gw = self.gw
         transport.underlying_transport.set_write_buffer_limits(high=gw.settings.write_high_water)
         # The shared compressor uses a 32 KiB window: a peer that limited ours (server_max_window_bits < 15)
