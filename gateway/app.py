@@ -10,7 +10,7 @@ import asyncio
 import logging
 import time
 import uuid
-from collections.abc import Iterator, Sequence
+from collections.abc import Collection, Iterator, Sequence
 from typing import Any
 
 from aiohttp import web
@@ -35,7 +35,9 @@ from gateway.transport.front import FrontProtocol, RequestHead
 from gateway.transport.http import build_app
 from gateway.transport.timers import TimerWheel
 from gateway.transport.ws import Connection
+from gateway.upstream.auth import FrontAuthenticator, Rechecker
 from gateway.upstream.base import RequestPath
+from gateway.upstream.proxy import AnyCapability, ProxyRequestPath
 
 log = logging.getLogger(__name__)
 SERVER_FAIL = "urn:ietf:params:jmap:error:serverFail"
@@ -57,6 +59,10 @@ class Gateway:
         self.metrics = Metrics()
         self.auth = Authenticator(settings, self.directory)
         self.bus: Bus = bus or self._make_bus()
+        # Front role (DESIGN.md §1): an upstream JMAP server answers requests and validates credentials.
+        self.front: ProxyRequestPath | None = None
+        if request_path is None and settings.upstream_url:
+            request_path = self.front = self._make_front()
         # All-in-one role (DESIGN.md §1): the embedded mail backend answers requests and publishes its changes.
         self.request_path: RequestPath = request_path or self._make_backend()
         self._smtp: Any = None
@@ -70,7 +76,10 @@ class Gateway:
         self.hub = Hub(self.bus, self.request_path.current_states, self.broadcast,
                        coalesce_ms=settings.push_coalesce_ms, compress=self._compress)
         self.hub.stats.fanout_seconds = self.metrics.fanout.observe
-        self.supported_capabilities: frozenset[str] = frozenset({CORE, WEBSOCKET, *self.request_path.capabilities})
+        self.supported_capabilities: Collection[str] = frozenset({CORE, WEBSOCKET, *self.request_path.capabilities})
+        if self.front is not None:
+            # What a request may use depends on the user's upstream session: the proxy path checks it.
+            self.supported_capabilities = AnyCapability()
         self.connections: set[Connection] = set()
         self._per_user: dict[str, int] = {}
         self._tasks: set[asyncio.Task[Any]] = set()
@@ -81,7 +90,10 @@ class Gateway:
         self._ws_paths = frozenset({"/jmap/ws"})
         self._picows_log = _PicowsLog(logging.getLogger("picows.server"), {})
         self.port: int = settings.port
-        self.directory.add_listener(self._on_delegation)
+        if self.front is None:
+            self.directory.add_listener(self._on_delegation)
+        else:
+            self.metrics.add_callback(self.front.collect)
         self.metrics.add_callback(self._collect)
 
     def _make_bus(self) -> Bus:
@@ -90,6 +102,25 @@ class Gateway:
 
             return AmqpBus(self.settings, self.node_id)
         return MemoryBus()
+
+    def _make_front(self) -> ProxyRequestPath:
+        front = ProxyRequestPath(self.settings)
+        self.auth = FrontAuthenticator(self.settings, self.directory, front)
+        if self.settings.auth_recheck > 0:
+            rechecker = Rechecker(self.auth, front, self.settings.auth_recheck, lambda: self.connections,
+                                  self._principal_refreshed)
+            front.add_background(rechecker.run)
+        return front
+
+    def _principal_refreshed(self, conn: Connection, principal: Principal) -> None:
+        # Front mode's recheck: the upstream may have granted or taken away delegated accounts meanwhile; the push
+        # subscription follows the new account list, as for a local delegation change.
+        changed = principal.account_ids != conn.principal.account_ids
+        conn.principal = principal
+        if changed:
+            sub = self.hub.subscription(conn.target)
+            if sub is not None:
+                self.enable_push(conn, EnablePush(sub.data_types, None))
 
     def _make_backend(self) -> RequestPath:
         from gateway.backend.service import EmbeddedBackend
@@ -166,10 +197,13 @@ class Gateway:
 
     # --- the upgrade ---------------------------------------------------------------------------------------
 
-    async def authenticate(self, authorization: str | None) -> Principal:
+    async def authenticate(self, authorization: str | None, *, fresh: bool = False) -> Principal:
         """The principal of an Authorization header value, for the upgrade and every HTTP call.
 
-        An awaitable on purpose: front mode validates credentials against the upstream (I/O)."""
+        An awaitable on purpose: front mode validates credentials against the upstream (I/O); `fresh` skips its
+        cache of upstream sessions."""
+        if isinstance(self.auth, FrontAuthenticator):
+            return await self.auth.check(authorization, fresh=fresh)
         return self.auth.authenticate(authorization)
 
     async def _authenticate_upgrade(self, head: RequestHead) -> Principal:
@@ -346,6 +380,8 @@ class Gateway:
         s = self.settings
         base = s.base_url(self.port)
         ws_base = "wss" + base[5:] if base.startswith("https") else "ws" + base[4:]
+        if self.front is not None:
+            return self.front.session_resource(principal, base, f"{ws_base}/jmap/ws")
         capabilities: dict[str, Any] = {
             CORE: {
                 "maxSizeUpload": s.max_size_upload,

@@ -208,6 +208,23 @@ SPECS: tuple[Spec, ...] = (
          "SQLite database path (`:memory:` allowed); default `<GATEWAY_DATA_DIR>/mail.sqlite3`."),
     Spec("GATEWAY_SMTP_HOST", "smtp_host", _str, "127.0.0.1", "Address of the embedded SMTP listener."),
     Spec("GATEWAY_SMTP_PORT", "smtp_port", _int(0, 65535), "2525", "Port of the embedded SMTP listener (0 = off)."),
+    # --- front mode (an upstream JMAP server answers requests; DESIGN.md §1) ---
+    Spec("GATEWAY_UPSTREAM_URL", "upstream_url", _url("http", "https"), "",
+         "Session URL of an upstream JMAP server (e.g. `https://james.example.com/jmap/session`); set = front mode: "
+         "requests go to its apiUrl with the client's credentials, which it validates. Unset = embedded backend."),
+    Spec("GATEWAY_AUTH_CACHE_TTL", "auth_cache_ttl", _float(0, 86400), "60",
+         "Front mode: seconds an upstream-validated session is reused for the same credentials (kept under a "
+         "salted hash, never the credentials; 0 = ask the upstream at every authentication)."),
+    Spec("GATEWAY_AUTH_RECHECK", "auth_recheck", _float(0, 86400), "600",
+         "Front mode: seconds between re-validations of an open socket's credentials; revoked ones close it with "
+         "1008 (0 = never)."),
+    Spec("GATEWAY_PROXY_HTTP", "proxy_http", _bool, "false",
+         "Front mode: advertise this gateway's apiUrl, downloadUrl and uploadUrl in the session (forwarded to the "
+         "upstream) instead of the upstream's own."),
+    Spec("GATEWAY_UPSTREAM_TIMEOUT", "upstream_timeout", _float(0.1, 3600), "30",
+         "Front mode: seconds one upstream HTTP call may take before it counts as unavailable (503)."),
+    Spec("GATEWAY_UPSTREAM_MAX_CONNECTIONS", "upstream_max_connections", _int(1, 100_000), "256",
+         "Front mode: keep-alive HTTP connections to the upstream this process may open (the pool's size)."),
 )
 
 
@@ -258,6 +275,12 @@ class Settings:
     db: str = ""
     smtp_host: str = "127.0.0.1"
     smtp_port: int = 2525
+    upstream_url: str | None = None
+    auth_cache_ttl: float = 60.0
+    auth_recheck: float = 600.0
+    proxy_http: bool = False
+    upstream_timeout: float = 30.0
+    upstream_max_connections: int = 256
     extra: dict[str, Any] = field(default_factory=dict)
 
     @property

@@ -84,7 +84,10 @@ async def well_known(request: web.Request) -> web.Response:
 
 async def session(request: web.Request) -> web.Response:
     gw = request.app[GATEWAY_KEY]
-    return _json_response(gw.session_resource(await _principal(request)))
+    # RFC 8620 §2: a client refetches the session when a response's sessionState differs from the one it holds,
+    # so in front mode this answer is never the cached one (which would be just as stale).
+    principal = await gw.authenticate(request.headers.get("Authorization"), fresh=gw.front is not None)
+    return _json_response(gw.session_resource(principal))
 
 
 async def api(request: web.Request) -> web.Response:
@@ -150,6 +153,8 @@ async def admin_events(request: web.Request) -> web.Response:
 async def admin_delegation(request: web.Request) -> web.Response:
     gw = request.app[GATEWAY_KEY]
     _admin(request)
+    if gw.front is not None:
+        raise HTTPProblem(409, "In front mode accounts and their sharing are the upstream server's.")
     owner, delegate = request.match_info["owner"], request.match_info["delegate"]
     if owner == delegate:
         raise HTTPProblem(400, "An account cannot be delegated to its owner.")
@@ -164,6 +169,9 @@ async def admin_delegation(request: web.Request) -> web.Response:
 async def download(request: web.Request) -> web.StreamResponse:
     gw = request.app[GATEWAY_KEY]
     principal = await _principal(request)
+    if gw.front is not None:
+        # Front mode: the blob is the upstream's (its downloadUrl), streamed through with the client's credentials.
+        return await gw.front.forward_download(request, principal)
     fetch = getattr(gw.request_path, "download", None)
     if fetch is None:
         raise HTTPProblem(404, "This server has no blobs.")
@@ -172,6 +180,15 @@ async def download(request: web.Request) -> web.StreamResponse:
         raise HTTPProblem(404, "No such blob in this account.")
     content_type = request.query.get("type") or "message/rfc822"
     return web.Response(body=data, headers={"Content-Type": content_type})
+
+
+async def upload(request: web.Request) -> web.Response:
+    gw = request.app[GATEWAY_KEY]
+    principal = await _principal(request)
+    if gw.front is None:
+        raise HTTPProblem(501, "This endpoint is advertised by RFC 8620 but not implemented by this gateway yet.")
+    # Front mode: RFC 8620 §6.1 upload to the upstream's uploadUrl, streamed, with the client's credentials.
+    return await gw.front.forward_upload(request, principal)
 
 
 async def not_implemented(request: web.Request) -> web.Response:
@@ -194,6 +211,6 @@ def build_app(gw: Gateway) -> web.Application:
     app.router.add_route("PUT", "/admin/delegations/{owner}/{delegate}", admin_delegation)
     app.router.add_route("DELETE", "/admin/delegations/{owner}/{delegate}", admin_delegation)
     app.router.add_get("/jmap/download/{account}/{blob}/{name}", download)
-    app.router.add_post("/jmap/upload/{account}/", not_implemented)
+    app.router.add_post("/jmap/upload/{account}/", upload)
     app.router.add_get("/jmap/eventsource/", not_implemented)
     return app
