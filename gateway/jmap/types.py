@@ -28,9 +28,11 @@ class ApiRequest(msgspec.Struct, omit_defaults=True):
 
 
 class ApiResponse(msgspec.Struct, omit_defaults=True):
-    """RFC 8620 §3.4 Response object, as returned by a request path and by the apiUrl."""
+    """RFC 8620 §3.4 Response object, as returned by a request path and by the apiUrl.
 
-    methodResponses: list[Invocation]
+    `methodResponses` may be raw JSON when a request path only relays it (front mode): encoded as it came."""
+
+    methodResponses: list[Invocation] | msgspec.Raw
     sessionState: str
     createdIds: dict[str, str] | None = None
 
@@ -66,7 +68,7 @@ ClientMessage = Request | WebSocketPushEnable | WebSocketPushDisable
 class Response(msgspec.Struct, tag_field="@type", tag="Response", omit_defaults=True):
     """RFC 8887 §4.3.2: a Response, with `requestId` when the Request carried an `id`."""
 
-    methodResponses: list[Invocation]
+    methodResponses: list[Invocation] | msgspec.Raw
     sessionState: str
     createdIds: dict[str, str] | None = None
     requestId: str | None = None

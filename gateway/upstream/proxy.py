@@ -14,7 +14,7 @@ import logging
 import re
 import time
 from collections.abc import Callable, Collection, Coroutine, Iterator, Mapping, Sequence
-from typing import Any, cast
+from typing import Any
 from urllib.parse import quote
 
 import aiohttp
@@ -24,7 +24,7 @@ from aiohttp import web
 from gateway.config import Settings
 from gateway.directory import Account, Principal
 from gateway.errors import LIMIT, SERVER_UNAVAILABLE, HTTPProblem, RequestLevelError
-from gateway.jmap.types import CORE, MAIL, VACATION, WEBSOCKET, ApiRequest, ApiResponse, Invocation
+from gateway.jmap.types import CORE, MAIL, VACATION, WEBSOCKET, ApiRequest, ApiResponse
 from gateway.metrics import counter
 from gateway.upstream.base import check_request
 from gateway.upstream.session import (
@@ -272,7 +272,7 @@ class ProxyRequestPath:
             else:
                 del self._in_flight[username]
         # The raw invocations stand in for the list the port's type names: every consumer only encodes them.
-        return ApiResponse(methodResponses=cast("list[Invocation]", answer.methodResponses),
+        return ApiResponse(methodResponses=answer.methodResponses,
                            sessionState=answer.sessionState, createdIds=answer.createdIds)
 
     async def _post(self, principal: Principal, url: str, body: bytes) -> _UpstreamResponse:
