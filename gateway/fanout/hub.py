@@ -113,6 +113,10 @@ class Hub:
         accounts = list(sub.key[0])
         # Register first, so that no event arriving while we ask for the current states is missed.
         self._register(sub)
+        if push_state is None and all(self._states.get(acc) for acc in accounts):
+            # Nothing to resume and the states are known already: no call to the request path (in front mode an
+            # upstream request per enable, which a reconnect storm would multiply).
+            return
         try:
             current = await self._states_source(principal, accounts)
         except Exception:
