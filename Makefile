@@ -31,5 +31,18 @@ lint: $(STAMP)
 bench: native
 	$(PY) -m pytest -s -q bench --benchmark-only $(PYTEST_ARGS)
 
+# The fan-out harness (bench/README.md, "Fan-out harness"): the gateway side by side with nchan, Node ws, Python
+# websockets and the syscall floor, ~30 min. FANOUT_ARGS=--quick for a few minutes; --install the first time
+# (apt-get nginx + libnginx-mod-nchan when missing, npm ci of the ws peer, pip install of the `bench` extra).
+.PHONY: bench-fanout
+bench-fanout: native
+	$(PY) -m bench.harness $(FANOUT_ARGS)
+
 clean:
 	rm -rf build $(VENV) gateway/*.so gateway/**/*.so native/**/*.c
+
+# WebSocket conformance: Autobahn|Testsuite's fuzzing client (cases 1-7, 9, 12-13) against the echo server,
+# with wstest in its own Python 2.7 environment (.autobahn/). Results: docs/conformance.md.
+.PHONY: conformance
+conformance: native
+	GATEWAY_PYTHON=$(PY) scripts/autobahn.sh $(AUTOBAHN_ARGS)

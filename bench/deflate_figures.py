@@ -20,7 +20,6 @@ import statistics
 import subprocess
 import sys
 import time
-import zlib
 from multiprocessing import get_context
 from pathlib import Path
 
