@@ -184,6 +184,9 @@ SPECS: tuple[Spec, ...] = (
          "Bytes of responses a paused socket may have buffered before it is closed with 1013."),
     Spec("GATEWAY_WRITE_HIGH_WATER", "write_high_water", _int(1024, 1 << 30), "65536",
          "Write-buffer high-water mark per socket (bytes); above it the socket counts as paused."),
+    Spec("GATEWAY_SOCKET_SNDBUF", "socket_sndbuf", _int(0, 1 << 30), "0",
+         "SO_SNDBUF of each WebSocket (bytes; 0 = the kernel's autotuning, up to several MiB per socket). A cap "
+         "bounds the kernel memory a client that stops reading can hold, and makes it count as slow sooner."),
     Spec("GATEWAY_SHUTDOWN_GRACE", "shutdown_grace", _float(0, 3600), "10",
          "Seconds SIGTERM/SIGINT waits for in-flight requests before closing every socket with 1001."),
     # --- RabbitMQ bus ---
@@ -262,6 +265,7 @@ class Settings:
     slow_client_timeout: float = 30.0
     slow_client_max_bytes: int = 4 * 1024 * 1024
     write_high_water: int = 65536
+    socket_sndbuf: int = 0
     shutdown_grace: float = 10.0
     amqp_url: str | None = "amqp://guest:guest@127.0.0.1:5672"
     amqp_exchange: str = "jmapEvent-exchange"

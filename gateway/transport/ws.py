@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import socket
 import time
 from typing import TYPE_CHECKING, Any
 
@@ -62,6 +63,9 @@ class Connection(WSListener):
                 kept.headers = _NO_HEADERS
         gw = self.gw
         transport.underlying_transport.set_write_buffer_limits(high=gw.settings.write_high_water)
+        if gw.settings.socket_sndbuf:
+            sock = transport.underlying_transport.get_extra_info("socket")
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, gw.settings.socket_sndbuf)
         # The shared compressor uses a 32 KiB window: a peer that limited ours (server_max_window_bits < 15)
         # gets plain frames, which RFC 7692 §6 allows for any message.
         compress = self.deflate is not None and self.deflate.server_max_window_bits == 15

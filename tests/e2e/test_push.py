@@ -294,3 +294,13 @@ async def test_push_coalesce_window_merges_changes(make_gateway: GatewayFactory)
         push = await recv_json(ws)  # arrives when the window closes
         assert push["changed"] == {BOB_ACC: {"Email": "e2", "Mailbox": "m2"}}
         assert await next_push_or_none(ws) is None  # one StateChange for the whole window
+
+
+async def test_socket_send_buffer_cap(make_gateway: GatewayFactory) -> None:
+    gw = await make_gateway(SOCKET_SNDBUF="8192")
+    async with await connect(gw) as ws:
+        await enable(ws)
+        conn = next(iter(gw.connections))
+        sock = conn.transport.underlying_transport.get_extra_info("socket")
+        # Linux doubles the value it is given (socket(7)): the cap is in force.
+        assert sock.getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF) == 2 * 8192
