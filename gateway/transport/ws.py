@@ -105,16 +105,12 @@ class Connection(WSListener):
         if op == WSMsgType.PONG:
             self.pinged_at = 0.0
             return
-        if op == WSMsgType.CLOSE:
-            # RFC 6455 §5.5.1: answer a close frame with one and end the connection.
-            code = frame.get_close_code()
-            self.gw.metrics.close(code.value or 1005)
-            transport.send_close(code if code.value else WSCloseCode.OK)
-            transport.disconnect()
-            return
         rsv = (frame.rsv1 << 2) | (frame.rsv2 << 1) | frame.rsv3
         c = self.coalescer
         status = c.feed(op.value, frame.fin, rsv, frame.get_payload_as_memoryview())
+        if op == WSMsgType.CLOSE and status != 3:
+            self._on_close_frame(transport, frame.get_payload_as_bytes())
+            return
         if status == 0 or status == 2:  # PENDING, or a PING that picows already answered
             return
         if status == 3:
@@ -143,6 +139,23 @@ class Connection(WSListener):
             self.close(action.code, action.reason)
         else:
             self.gw.hub.disable(self.target)
+
+    def _on_close_frame(self, transport: WSTransport, payload: bytes) -> None:
+        """RFC 6455 §5.5.1: answer a close frame with one (echoing its code) and end the connection."""
+        if not payload:
+            code = 1005  # no status code: answered with 1000
+            reply = Close.NORMAL
+        else:
+            code = int.from_bytes(payload[:2], "big")
+            if not valid_close_code(code):
+                # RFC 6455 §7.4: 0-999, 1004-1006, 1015 and the unassigned ranges must not appear on the wire.
+                self.close(Close.PROTOCOL_ERROR, "invalid close code")
+                return
+            reply = code
+        self.gw.metrics.close(code)
+        # picows takes any integer where it declares its enum (a Cython cpdef enum), so 3000-4999 echo as they are.
+        transport.send_close(reply)  # type: ignore[arg-type]
+        transport.disconnect()
 
     # --- actions -------------------------------------------------------------------------------------------
 
@@ -175,6 +188,11 @@ class Connection(WSListener):
     @property
     def closing(self) -> bool:
         return self._closing or self.transport is None or self.transport.is_disconnected
+
+
+def valid_close_code(code: int) -> bool:
+    """RFC 6455 §7.4.1-7.4.2 and the IANA registry: the codes a peer may send in a close frame."""
+    return 1000 <= code <= 1003 or 1007 <= code <= 1014 or 3000 <= code <= 4999
 
 
 def server_unavailable(detail: str) -> RequestLevelError:

@@ -204,3 +204,21 @@ async def test_jwt_bearer_and_expiry_closes_with_1008(make_gateway: GatewayFacto
     with pytest.raises(ConnectionClosed):
         await asyncio.wait_for(ws.recv(), 10)
     assert ws.close_code == 1008
+
+
+@pytest.mark.parametrize(("payload", "answer"), [
+    ((1000).to_bytes(2, "big"), 1000), ((3001).to_bytes(2, "big") + b"custom", 3001), (b"", 1000),
+    ((0).to_bytes(2, "big"), 1002), ((1006).to_bytes(2, "big"), 1002), ((5000).to_bytes(2, "big"), 1002),
+])
+async def test_close_codes_are_echoed_or_refused(gateway: Gateway, payload: bytes, answer: int) -> None:
+    client = await RawClient.connect(gateway.port, headers={"Authorization": basic(BOB)})
+    client.send(CLOSE, payload)
+    assert await client.recv_close() == answer
+    await client.close()
+
+
+async def test_close_frame_with_rsv_bits_fails_1002(gateway: Gateway) -> None:
+    client = await RawClient.connect(gateway.port, headers={"Authorization": basic(BOB)})
+    client.send(CLOSE, (1000).to_bytes(2, "big"), rsv=7)
+    assert await client.recv_close() == 1002
+    await client.close()
