@@ -1,15 +1,42 @@
-"""Command-line entry point (`python -m gateway`, `jmap-gateway`): settings, logging, event loop, signals.
+"""Command-line entry point (`python -m gateway`, `jmap-gateway`): settings, logging, event loop, signals, and
+with GATEWAY_WORKERS > 1 the supervisor of the worker processes.
 
-A bad setting exits with status 2 and one line naming the variable, the value and what is allowed.
+A bad setting exits with status 2 and one line naming the variable, the value and what is allowed; a gateway
+that cannot start (RabbitMQ unreachable, port taken) exits with status 1 and one line saying why.
+
+Several workers (decisions):
+- The parent is a supervisor only: it holds no sockets of clients, runs no gateway and no bus node. Each worker
+  is a fresh interpreter (`python -m gateway --worker N --control-fd FD`, not a fork: no inherited event loop,
+  threads or SQLite handles), a complete gateway and its own bus node (own node id, own queue).
+- The port: the parent binds it first with SO_REUSEPORT (without listening, so the kernel never routes a
+  connection to it) and hands the bound number to the workers, which listen on it with SO_REUSEPORT. That makes
+  GATEWAY_PORT=0 work with several workers, reports a port in use once and early, and keeps the port reserved
+  while a worker is being restarted. The start-up line is printed once, by the parent, when every worker listens.
+- GATEWAY_BUS=memory with several workers is refused (status 2): a change committed or injected on one worker
+  would never reach sessions held by another, a silent loss. So is the embedded backend on `:memory:`, which
+  would give every worker a store of its own.
+- The embedded backend's SMTP listener runs in worker 1 only (one port, one process); the SQLite file is shared
+  (WAL, one writer at a time). Worker 1 starts alone first, so it also creates a new database without racing.
+- A worker that dies unexpectedly is logged and restarted (exponential back-off while it keeps dying young);
+  the others keep serving meanwhile and its clients reconnect and resume from their pushState. A worker that
+  cannot start during the initial start fails the whole start with its status.
+- SIGTERM/SIGINT to the parent is forwarded (SIGTERM) to every worker, which shuts down gracefully (in-flight
+  requests, then close 1001); the parent exits 0 once all have exited cleanly, 1 if one had to be killed.
+  A worker whose parent vanishes (its control socket reaches end-of-file) shuts down the same way.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import signal
+import socket
 import sys
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 
 import uvloop
 
@@ -17,48 +44,312 @@ from gateway import native
 from gateway.config import ConfigError, Settings, load
 from gateway.errors import GatewayError
 
+log = logging.getLogger(__name__)
 
-def configure_logging(level: str) -> None:
-    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+USAGE = ("usage: jmap-gateway (no arguments: every setting is a GATEWAY_* environment variable, "
+         "see README.md)")
+# A worker that lived at least this long before dying is restarted at once; one dying younger backs off.
+HEALTHY_AFTER = 60.0
+RESTART_DELAYS = (0.5, 1.0, 2.0, 5.0, 10.0, 30.0)
+# Beyond GATEWAY_SHUTDOWN_GRACE, the time a worker gets to close its sockets and its bus node.
+STOP_MARGIN = 15.0
+
+
+def configure_logging(level: str, tag: str = "") -> None:
+    prefix = f"[{tag}] " if tag else ""
+    logging.basicConfig(level=level, format=f"%(asctime)s %(levelname)s {prefix}%(name)s: %(message)s")
     # picows logs every accepted connection at INFO; at 100k connections that is noise, not information.
     logging.getLogger("picows").setLevel(max(logging.WARNING, logging.getLevelName(level)))
 
 
-async def serve(settings: Settings) -> None:
+@contextlib.contextmanager
+def _quiet(*names: str) -> Iterator[None]:
+    """Silence libraries' own logging while starting: a failed start is reported by one line of ours, and
+    aio-pika's "reconnecting after 5 seconds" would be untrue (a failed start does not reconnect)."""
+    loggers = [logging.getLogger(name) for name in names]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.CRITICAL + 1)
+    try:
+        yield
+    finally:
+        for lg, level in zip(loggers, levels, strict=True):
+            lg.setLevel(level)
+
+
+def start_up_line(settings: Settings, port: int, workers: int = 1) -> str:
+    """The line tests and operators read: `... listening on http://host:port (WebSocket ws://.../jmap/ws)`."""
+    base = settings.base_url(port)
+    extra = f", {workers} workers" if workers > 1 else ""
+    return f"jmap-push-gateway listening on {base} (WebSocket ws{base.removeprefix('http')}/jmap/ws{extra})"
+
+
+def refusal(settings: Settings) -> str | None:
+    """Why these settings cannot run with GATEWAY_WORKERS > 1 (one line), or None."""
+    n = settings.workers
+    if n <= 1:
+        return None
+    if settings.bus == "memory":
+        return (f"GATEWAY_WORKERS={n} needs GATEWAY_BUS=amqp: with the in-process memory bus a change on one "
+                "worker would never reach the sessions held by the others")
+    if not settings.upstream_url and settings.db_path == ":memory:":  # front mode has no embedded store
+        return (f"GATEWAY_WORKERS={n} cannot share GATEWAY_DB=:memory: (every worker would have a mail store of "
+                "its own): use a database file")
+    return None
+
+
+# --- one gateway process (the only one, or a worker) -----------------------------------------------------
+
+@dataclass(frozen=True)
+class WorkerRole:
+    """What the supervisor told a worker on its command line."""
+
+    index: int  # 1-based, for logs
+    control_fd: int  # the worker's end of a socket pair: it writes "ready", and sees EOF if the parent dies
+
+
+async def serve(settings: Settings, worker: WorkerRole | None = None) -> None:
     from gateway.app import Gateway
 
     gateway = Gateway(settings)
     try:
-        await gateway.start()
-    except GatewayError as exc:
-        # e.g. the RabbitMQ bus could not be set up: one clear line, then a non-zero exit.
-        print(f"jmap-gateway: cannot start: {exc}", file=sys.stderr)
+        with _quiet("aiormq", "aio_pika"):
+            await gateway.start()
+    except (GatewayError, OSError) as exc:
+        # e.g. RabbitMQ unreachable or the port taken: one clear line, then a non-zero exit.
+        with contextlib.suppress(Exception):
+            await gateway.stop(grace=0)
+        where = f" (worker {worker.index})" if worker else ""
+        print(f"jmap-gateway: cannot start{where}: {exc}", file=sys.stderr, flush=True)
         raise SystemExit(1) from None
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    print(f"jmap-push-gateway listening on {settings.base_url(gateway.port)} "
-          f"(WebSocket ws{settings.base_url(gateway.port).removeprefix('http')}/jmap/ws)", flush=True)
+    if worker is None:
+        print(start_up_line(settings, gateway.port), flush=True)
+    else:
+        control = socket.socket(fileno=worker.control_fd)
+        control.setblocking(False)
+        control.sendall(f"ready {gateway.node_id}\n".encode())
+
+        def parent_gone() -> None:
+            # The parent never writes: readable means end-of-file, i.e. the supervisor is gone.
+            with contextlib.suppress(BlockingIOError):
+                if control.recv(64):
+                    return
+            loop.remove_reader(control.fileno())
+            log.warning("the supervisor is gone; shutting down")
+            stop.set()
+
+        loop.add_reader(control.fileno(), parent_gone)
     await stop.wait()
-    logging.getLogger(__name__).info("shutting down")
+    log.info("shutting down")
     await gateway.stop()
 
 
-def main(argv: list[str] | None = None) -> int:
+# --- the supervisor (GATEWAY_WORKERS > 1) --------------------------------------------------------------
+
+def reserve_port(host: str, port: int) -> socket.socket:
+    """Bind (host, port) with SO_REUSEPORT and do not listen: fixes the port for every worker."""
+    family, kind, proto, _, address = socket.getaddrinfo(
+        host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0]
+    sock = socket.socket(family, kind, proto)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        sock.bind(address)
+    except OSError:
+        sock.close()
+        raise
+    return sock
+
+
+class _Worker:
+    __slots__ = ("control", "index", "proc", "ready_at")
+
+    def __init__(self, index: int) -> None:
+        self.index = index
+        self.proc: asyncio.subprocess.Process | None = None
+        self.control: socket.socket | None = None
+        self.ready_at = 0.0
+
+
+class Supervisor:
+    """Starts GATEWAY_WORKERS workers on one port, restarts those that die, stops them all on a signal."""
+
+    def __init__(self, settings: Settings, argv0: Sequence[str] = (sys.executable, "-m", "gateway")) -> None:
+        self.settings = settings
+        self._argv0 = list(argv0)
+        self._workers = [_Worker(i + 1) for i in range(settings.workers)]
+        self._stopping = False
+        self._stop = asyncio.Event()
+        self._keepers: list[asyncio.Task[None]] = []
+        self.port = settings.port
+
+    async def run(self) -> int:
+        s = self.settings
+        try:
+            reservation = reserve_port(s.host, s.port)
+        except OSError as exc:
+            print(f"jmap-gateway: cannot start: cannot bind {s.host}:{s.port}: {exc.strerror or exc}",
+                  file=sys.stderr, flush=True)
+            return 1
+        self.port = reservation.getsockname()[1]
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self._stop.set)
+        try:
+            # Worker 1 alone first: it creates a new database (and runs SMTP); then the others together.
+            failed = await self._start(self._workers[0])
+            if failed is None:
+                results = await asyncio.gather(*(self._start(w) for w in self._workers[1:]))
+                failed = next((r for r in results if r is not None), None)
+            if failed is not None:
+                await self._shutdown()
+                return failed
+            if self._stop.is_set():
+                return await self._shutdown()
+            print(start_up_line(s, self.port, len(self._workers)), flush=True)
+            self._keepers = [asyncio.create_task(self._keep(w)) for w in self._workers]
+            await self._stop.wait()
+            log.info("stopping %d workers", len(self._workers))
+            return await self._shutdown()
+        finally:
+            reservation.close()
+
+    async def _start(self, worker: _Worker) -> int | None:
+        """Spawn `worker` and wait until it listens. None when it does; its exit status (not 0) when not."""
+        if self._stopping:
+            return None
+        ours, theirs = socket.socketpair()
+        ours.setblocking(False)
+        env = dict(os.environ, GATEWAY_PORT=str(self.port))
+        if worker.index > 1:
+            env["GATEWAY_SMTP_PORT"] = "0"  # one SMTP listener, in worker 1
+        try:
+            worker.proc = await asyncio.create_subprocess_exec(
+                *self._argv0, "--worker", str(worker.index), "--control-fd", str(theirs.fileno()),
+                pass_fds=(theirs.fileno(),), env=env)
+        finally:
+            theirs.close()
+        if worker.control is not None:
+            worker.control.close()
+        worker.control = ours
+        loop = asyncio.get_running_loop()
+        ready = asyncio.ensure_future(loop.sock_recv(ours, 256))
+        stop = asyncio.ensure_future(self._stop.wait())
+        try:
+            await asyncio.wait({ready, stop}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            stop.cancel()
+            if not ready.done():
+                ready.cancel()
+        if not ready.done() or ready.cancelled():
+            return None  # a stop was requested meanwhile; the shutdown takes care of the process
+        line = ready.result()
+        if line.startswith(b"ready"):
+            worker.ready_at = time.monotonic()
+            log.info("worker %d (pid %d) ready, bus node %s", worker.index, worker.proc.pid,
+                     line.split()[1].decode() if len(line.split()) > 1 else "?")
+            return None
+        # End of file before "ready": the worker exited (it printed why on stderr).
+        status = await worker.proc.wait()
+        return status if status > 0 else 1
+
+    async def _keep(self, worker: _Worker) -> None:
+        """Restart `worker` whenever it exits while the supervisor is not stopping."""
+        failures = 0
+        while True:
+            proc = worker.proc
+            assert proc is not None
+            status = await proc.wait()
+            if self._stopping:
+                return
+            lived = time.monotonic() - worker.ready_at if worker.ready_at else 0.0
+            failures = 0 if lived >= HEALTHY_AFTER else failures + 1
+            delay = RESTART_DELAYS[min(failures, len(RESTART_DELAYS)) - 1] if failures else 0.0
+            how = f"killed by signal {-status}" if status < 0 else f"exit status {status}"
+            log.error("worker %d (pid %d) died unexpectedly (%s) after %.1fs; restarting it in %gs",
+                      worker.index, proc.pid, how, lived, delay)
+            worker.ready_at = 0.0
+            if delay:
+                await asyncio.sleep(delay)
+            if self._stopping:
+                return
+            await self._start(worker)
+
+    async def _shutdown(self) -> int:
+        """Forward SIGTERM to every worker, wait for them (killing stragglers); 0 when all ended cleanly."""
+        self._stopping = True
+        # No restart may spawn a worker behind our back. (One cancelled mid-spawn is not lost either: its
+        # control socket closes with the cancelled call, and a worker seeing that shuts down.)
+        for task in self._keepers:
+            task.cancel()
+        await asyncio.gather(*self._keepers, return_exceptions=True)
+        procs = [w.proc for w in self._workers if w.proc is not None]
+        for proc in procs:
+            if proc.returncode is None:
+                with contextlib.suppress(ProcessLookupError):
+                    proc.send_signal(signal.SIGTERM)
+        code = 0
+        deadline = time.monotonic() + self.settings.shutdown_grace + STOP_MARGIN
+        for proc in procs:
+            try:
+                status = await asyncio.wait_for(proc.wait(), max(0.1, deadline - time.monotonic()))
+            except TimeoutError:
+                log.error("worker pid %d did not stop in time; killing it", proc.pid)
+                with contextlib.suppress(ProcessLookupError):
+                    proc.kill()
+                status = await proc.wait()
+                code = 1
+            # A worker signalled before it installed its handlers dies of the SIGTERM itself: still clean.
+            if status not in (0, -signal.SIGTERM):
+                code = 1
+        for w in self._workers:
+            if w.control is not None:
+                w.control.close()
+                w.control = None
+        return code
+
+
+def _parse_args(argv: Sequence[str]) -> WorkerRole | None:
+    """The supervisor's private `--worker N --control-fd FD`; anything else is an error (ValueError)."""
+    if not argv:
+        return None
+    args = list(argv)
+    if len(args) == 4 and args[0] == "--worker" and args[2] == "--control-fd":
+        return WorkerRole(int(args[1]), int(args[3]))
+    raise ValueError(" ".join(args))
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    try:
+        worker = _parse_args(sys.argv[1:] if argv is None else argv)
+    except ValueError:
+        print(USAGE, file=sys.stderr)
+        return 2
     try:
         settings = load(os.environ)
     except ConfigError as exc:
         print(f"jmap-gateway: {exc}", file=sys.stderr)
         return 2
-    configure_logging(settings.log_level)
+    if worker is None:
+        problem = refusal(settings)
+        if problem is not None:
+            print(f"jmap-gateway: {problem}", file=sys.stderr)
+            return 2
+    configure_logging(settings.log_level, f"worker {worker.index}" if worker else
+                      ("supervisor" if settings.workers > 1 else ""))
     if settings.require_native:
         try:
             native.require_all()
         except native.NativeMissing as exc:
             print(f"jmap-gateway: GATEWAY_REQUIRE_NATIVE is set but {exc}", file=sys.stderr)
             return 2
-    uvloop.run(serve(settings))
+    if worker is None and settings.workers > 1:
+        return uvloop.run(Supervisor(settings).run())
+    uvloop.run(serve(settings, worker))
     return 0
 
 

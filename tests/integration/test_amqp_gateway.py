@@ -1,0 +1,686 @@
+"""The RabbitMQ bus at the gateway level, end to end: real broker, real sockets, real gateway processes.
+
+James-format events published straight to the exchange reach the right sessions; changes injected on one gateway
+process reach sessions on another exactly once; a broker connection cut keeps the sockets up and ends with every
+client knowing every change (the embedded backend's current states are the truth); GATEWAY_WORKERS=N spreads
+sessions over N bus nodes on one port. Each test uses its own exchange, deleted afterwards.
+
+"Nothing more arrived" is proven with markers, never with sleeps: one node's queue is FIFO, so once a marker
+published after an event has arrived, any copy of that event would have arrived before it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import signal
+import smtplib
+import socket
+import sys
+import time
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+from email.message import EmailMessage
+from pathlib import Path
+from typing import Any, cast
+
+import aio_pika
+import aiohttp
+import pytest
+import websockets
+from amqp_support import (
+    SeverableProxy,
+    bindings_of,
+    eventually,
+    eventually_async,
+    free_port,
+    require_broker,
+    require_rabbitmqctl,
+)
+from websockets.exceptions import ConnectionClosed
+from websockets.typing import Subprotocol
+
+from gateway.app import Gateway
+from gateway.bus.amqp import AmqpBus, routing_key
+from gateway.bus.events import STATE_CHANGE_EVENT
+from gateway.directory import account_id_for
+from tests.conftest import ADMIN, ALICE, BOB, CAROL, GatewayFactory, basic, settings_env
+
+pytestmark = pytest.mark.amqp
+
+ROOT = Path(__file__).resolve().parents[2]
+BOB_ACC, ALICE_ACC, CAROL_ACC = (account_id_for(u[0]) for u in (BOB, ALICE, CAROL))
+JAMES_NODE = "d3b07384-james-node"
+CORE, MAIL = "urn:ietf:params:jmap:core", "urn:ietf:params:jmap:mail"
+
+
+# --- fixtures and helpers -------------------------------------------------------------------------------
+
+@pytest.fixture
+def broker_url() -> str:
+    return require_broker()
+
+
+@pytest.fixture
+async def exchange_name(broker_url: str) -> AsyncIterator[str]:
+    """A fresh exchange for the test; deleted after everything using it has stopped."""
+    name = f"test-gw-{uuid.uuid4().hex}"
+    yield name
+    conn = await aio_pika.connect(broker_url)
+    async with conn:
+        channel = await conn.channel()
+        await channel.exchange_delete(name)
+
+
+class James:
+    """Stands in for an Apache James node: writes exactly what James writes, straight to the exchange."""
+
+    def __init__(self, exchange: aio_pika.abc.AbstractExchange) -> None:
+        self.exchange = exchange
+
+    async def publish_raw(self, username: str, body: bytes) -> None:
+        await self.exchange.publish(
+            aio_pika.Message(body, headers={"eventBusId": JAMES_NODE}, content_type="text/plain",
+                             delivery_mode=aio_pika.DeliveryMode.PERSISTENT),
+            routing_key=routing_key(username), mandatory=False)
+
+    async def publish(self, username: str, **type_states: str) -> None:
+        body = {"type": STATE_CHANGE_EVENT, "eventId": str(uuid.uuid4()), "username": username,
+                "typeStates": type_states}
+        await self.publish_raw(username, json.dumps(body).encode())
+
+
+@pytest.fixture
+async def james(broker_url: str, exchange_name: str) -> AsyncIterator[James]:
+    conn = await aio_pika.connect_robust(broker_url, client_properties={"connection_name": "test-james"})
+    try:
+        channel = await conn.channel(publisher_confirms=True)
+        exchange = await channel.declare_exchange(exchange_name, aio_pika.ExchangeType.DIRECT, durable=True)
+        yield James(exchange)
+    finally:
+        await conn.close()
+
+
+class Client:
+    """A WebSocket client that keeps every StateChange it is pushed, in order, while it waits for responses."""
+
+    def __init__(self, ws: websockets.ClientConnection) -> None:
+        self.ws = ws
+        self.pushes: list[dict[str, Any]] = []
+        self.seen = 0  # pushes already consumed by next_push()
+        self._responses: dict[str, dict[str, Any]] = {}
+        self._n = 0
+
+    @classmethod
+    async def open(cls, port: int, user: tuple[str, str] = BOB) -> Client:
+        ws = await websockets.connect(f"ws://127.0.0.1:{port}/jmap/ws", subprotocols=[Subprotocol("jmap")],
+                                      additional_headers={"Authorization": basic(user)},
+                                      compression=None, ping_interval=None, open_timeout=10)
+        return cls(ws)
+
+    async def read(self, deadline: float) -> None:
+        """Take one message (a push or a response), failing at `deadline`."""
+        raw = await asyncio.wait_for(self.ws.recv(), max(0.01, deadline - time.monotonic()))
+        msg = json.loads(raw)
+        if msg.get("@type") == "StateChange":
+            self.pushes.append(msg)
+        else:
+            self._responses[str(msg.get("requestId"))] = msg
+
+    async def request(self, calls: list[list[Any]], using: tuple[str, ...] = (CORE, MAIL),
+                      timeout: float = 10.0) -> dict[str, Any]:
+        self._n += 1
+        rid = f"r{self._n}"
+        await self.ws.send(json.dumps({"@type": "Request", "id": rid, "using": list(using),
+                                       "methodCalls": calls}))
+        deadline = time.monotonic() + timeout
+        while rid not in self._responses:
+            await self.read(deadline)
+        return self._responses.pop(rid)
+
+    async def echo(self) -> None:
+        reply = await self.request([["Core/echo", {"ping": True}, "e"]], using=(CORE,))
+        assert reply["methodResponses"] == [["Core/echo", {"ping": True}, "e"]]
+
+    async def enable(self, data_types: list[str] | None = None) -> None:
+        await self.ws.send(json.dumps({"@type": "WebSocketPushEnable", "dataTypes": data_types}))
+        await self.echo()  # processed in order: the enable has been taken once the echo is answered
+
+    async def next_push(self, timeout: float = 10.0) -> dict[str, Any]:
+        deadline = time.monotonic() + timeout
+        while len(self.pushes) <= self.seen:
+            await self.read(deadline)
+        self.seen += 1
+        return self.pushes[self.seen - 1]
+
+    async def next_changed(self, timeout: float = 10.0) -> dict[str, Any]:
+        push = await self.next_push(timeout)
+        assert isinstance(push["pushState"], str) and push["pushState"]
+        return cast(dict[str, Any], push["changed"])
+
+    def knowledge(self, account: str) -> dict[str, str]:
+        """What every push so far told about `account`: type -> newest state."""
+        known: dict[str, str] = {}
+        for push in self.pushes:
+            known.update(push["changed"].get(account, {}))
+        return known
+
+    async def close(self) -> None:
+        await self.ws.close()
+
+
+async def bound(gw: Gateway, *usernames: str) -> None:
+    bus = cast(AmqpBus, gw.bus)
+    async with asyncio.timeout(10):
+        for username in usernames:
+            await bus.wait_bound(username)
+
+
+async def http_get(port: int, path: str) -> tuple[int, str]:
+    async with aiohttp.ClientSession() as http, http.get(f"http://127.0.0.1:{port}{path}") as r:
+        return r.status, await r.text()
+
+
+async def admin_publish(port: int, username: str, **type_states: str) -> None:
+    body = {"type": STATE_CHANGE_EVENT, "eventId": str(uuid.uuid4()), "username": username,
+            "typeStates": type_states}
+    async with aiohttp.ClientSession() as http, http.post(
+            f"http://127.0.0.1:{port}/admin/events", json=body,
+            headers={"Authorization": f"Bearer {ADMIN}"}) as r:
+        assert r.status == 202, await r.text()
+
+
+def metric(text: str, name: str) -> float:
+    for line in text.splitlines():
+        if line.startswith(name + " ") or line.startswith(name + "{"):
+            return float(line.rsplit(" ", 1)[1])
+    raise AssertionError(f"metric {name} not exposed")
+
+
+def send_mail(port: int, to: str, subject: str) -> None:
+    msg = EmailMessage()
+    msg["From"] = "carol@example.org"
+    msg["To"] = to
+    msg["Subject"] = subject
+    msg.set_content("Hello over the bus.")
+    with smtplib.SMTP("127.0.0.1", port, timeout=20) as smtp:
+        smtp.send_message(msg)
+
+
+async def queues_bound_to(exchange: str, username: str) -> set[str]:
+    return {q for key, q in await bindings_of(exchange) if key == routing_key(username)}
+
+
+# --- gateway processes ----------------------------------------------------------------------------------
+
+class GatewayProcess:
+    """`python -m gateway` in a child process; the port comes from its start-up line."""
+
+    def __init__(self, proc: asyncio.subprocess.Process, stderr_path: Path) -> None:
+        self.proc = proc
+        self.stderr_path = stderr_path
+        self.port = 0
+        self.line = ""
+
+    def stderr(self) -> str:
+        return self.stderr_path.read_text(errors="replace")
+
+    async def wait_line(self, timeout: float = 60.0) -> None:
+        assert self.proc.stdout is not None
+        raw = await asyncio.wait_for(self.proc.stdout.readline(), timeout)
+        self.line = raw.decode()
+        if "127.0.0.1:" not in self.line:
+            pytest.fail(f"the gateway did not start: {self.line!r}\n{self.stderr()}")
+        self.port = int(self.line.split("127.0.0.1:")[1].split()[0].strip("/"))
+
+    def children(self) -> set[int]:
+        """Pids of the worker processes (Linux /proc)."""
+        pids: set[int] = set()
+        for entry in os.listdir("/proc"):
+            if entry.isdigit():
+                with contextlib.suppress(OSError), open(f"/proc/{entry}/stat") as fh:
+                    # The command may contain spaces: the fields after the last ")" are fixed.
+                    fields = fh.read().rsplit(")", 1)[1].split()
+                    if int(fields[1]) == self.proc.pid:
+                        pids.add(int(entry))
+        return pids
+
+    async def stop(self, timeout: float = 30.0) -> int:
+        if self.proc.returncode is None:
+            with contextlib.suppress(ProcessLookupError):
+                self.proc.send_signal(signal.SIGTERM)
+        try:
+            return await asyncio.wait_for(self.proc.wait(), timeout)
+        except TimeoutError:
+            self.proc.kill()
+            await self.proc.wait()
+            pytest.fail(f"the gateway did not stop within {timeout:g}s\n{self.stderr()}")
+
+
+Spawn = Callable[..., Awaitable[GatewayProcess]]
+
+
+@pytest.fixture
+async def spawn(tmp_path: Path, broker_url: str, exchange_name: str) -> AsyncIterator[Spawn]:
+    """Start gateway processes on the test's exchange (GATEWAY_* names without the prefix as overrides);
+    every one still running at the end is stopped (and its workers with it)."""
+    started: list[GatewayProcess] = []
+
+    async def start(wait: bool = True, **overrides: str) -> GatewayProcess:
+        env = {**os.environ, **settings_env(), "PYTHONUNBUFFERED": "1",
+               "GATEWAY_BUS": "amqp", "GATEWAY_AMQP_URL": broker_url, "GATEWAY_AMQP_EXCHANGE": exchange_name,
+               "GATEWAY_LOG_LEVEL": "INFO"}
+        env.update({f"GATEWAY_{k}": v for k, v in overrides.items()})
+        stderr_path = tmp_path / f"gateway-{len(started)}.stderr"
+        with open(stderr_path, "wb") as err:
+            proc = await asyncio.create_subprocess_exec(
+                sys.executable, "-m", "gateway", cwd=ROOT, env=env, stdout=asyncio.subprocess.PIPE, stderr=err)
+        gp = GatewayProcess(proc, stderr_path)
+        started.append(gp)
+        if wait:
+            await gp.wait_line()
+        return gp
+
+    yield start
+    for gp in started:
+        await gp.stop()
+
+
+# --- James's events, consumed by one gateway ------------------------------------------------------------
+
+async def test_james_event_is_pushed_to_the_sessions_of_its_account(
+        exchange_name: str, make_gateway: GatewayFactory, james: James) -> None:
+    gw = await make_gateway(BUS="amqp", AMQP_EXCHANGE=exchange_name)
+    bobs = [await Client.open(gw.port) for _ in range(2)]
+    alice = await Client.open(gw.port, ALICE)
+    for c in bobs:
+        await c.enable()
+    await alice.enable(["Email"])
+    await bound(gw, BOB[0], ALICE[0])
+
+    await james.publish(BOB[0], Mailbox="m1", Email="e1", EmailDelivery="d1")
+    for c in bobs:
+        # `changed` is keyed by the accountId: the lowercase hex SHA-256 of the username, as in James.
+        assert await c.next_changed() == {BOB_ACC: {"Mailbox": "m1", "Email": "e1", "EmailDelivery": "d1"}}
+    await james.publish(ALICE[0], Email="a1", Mailbox="am1")
+    # Alice's first push is her own event, filtered to her dataTypes: Bob's event never reached her.
+    assert await alice.next_changed() == {ALICE_ACC: {"Email": "a1"}}
+    await james.publish(BOB[0], Email="e2")
+    for c in bobs:  # the next push is the next event: the first was pushed once
+        assert await c.next_changed() == {BOB_ACC: {"Email": "e2"}}
+    for c in [*bobs, alice]:
+        await c.close()
+
+
+async def test_arrays_legacy_fields_and_custom_types(exchange_name: str, make_gateway: GatewayFactory,
+                                                     james: James) -> None:
+    gw = await make_gateway(BUS="amqp", AMQP_EXCHANGE=exchange_name)
+    every, emails, calendar = [await Client.open(gw.port) for _ in range(3)]
+    await every.enable()
+    await emails.enable(["Email"])
+    await calendar.enable(["urn:example:Calendar"])
+    await bound(gw, BOB[0])
+    body = [
+        # An older James: one field per type instead of typeStates.
+        {"type": STATE_CHANGE_EVENT, "eventId": "e-legacy", "username": BOB[0], "mailboxState": "m7",
+         "emailState": "e7", "vacationResponseState": "v7", "emailDeliveryState": "d7"},
+        # A custom data type is carried as it is.
+        {"type": STATE_CHANGE_EVENT, "eventId": "e-custom", "username": BOB[0],
+         "typeStates": {"urn:example:Calendar": "c1", "Email": "e8"}},
+    ]
+    await james.publish_raw(BOB[0], json.dumps(body).encode())
+    assert await every.next_changed() == {
+        BOB_ACC: {"Mailbox": "m7", "Email": "e7", "VacationResponse": "v7", "EmailDelivery": "d7"}}
+    assert await every.next_changed() == {BOB_ACC: {"urn:example:Calendar": "c1", "Email": "e8"}}
+    assert await emails.next_changed() == {BOB_ACC: {"Email": "e7"}}
+    assert await emails.next_changed() == {BOB_ACC: {"Email": "e8"}}
+    assert await calendar.next_changed() == {BOB_ACC: {"urn:example:Calendar": "c1"}}
+    for c in (every, emails, calendar):
+        await c.close()
+
+
+async def test_poison_messages_do_not_stop_later_events(exchange_name: str, make_gateway: GatewayFactory,
+                                                        james: James) -> None:
+    gw = await make_gateway(BUS="amqp", AMQP_EXCHANGE=exchange_name)
+    bob = await Client.open(gw.port)
+    await bob.enable()
+    await bound(gw, BOB[0])
+    poison = [
+        b"not json at all",
+        b"\xff\xfe{",
+        json.dumps({"type": "org.apache.james.events.MailboxAdded", "username": BOB[0]}).encode(),
+        json.dumps([{"type": STATE_CHANGE_EVENT, "username": BOB[0], "typeStates": {"Email": "half"}},
+                    {"type": "bogus", "username": BOB[0]}]).encode(),
+    ]
+    for body in poison:
+        await james.publish_raw(BOB[0], body)
+    await james.publish(BOB[0], Email="good")
+    # Nothing of a poison message is pushed, not even the valid half of a bad array; the next event is.
+    assert await bob.next_changed() == {BOB_ACC: {"Email": "good"}}
+    status, text = await http_get(gw.port, "/metrics")
+    assert status == 200
+    assert metric(text, "gateway_bus_poison_messages_total") == len(poison)
+    assert metric(text, "gateway_bus_received_events_total") == 1
+    assert (await http_get(gw.port, "/readyz"))[0] == 200
+    await bob.close()
+
+
+async def test_a_username_without_local_sessions_is_not_bound_here(
+        exchange_name: str, make_gateway: GatewayFactory, james: James) -> None:
+    require_rabbitmqctl()
+    gw = await make_gateway(BUS="amqp", AMQP_EXCHANGE=exchange_name, AMQP_UNBIND_DELAY="0.2")
+    bus = cast(AmqpBus, gw.bus)
+    bob = await Client.open(gw.port)
+    carol = await Client.open(gw.port, CAROL)  # connected, but push not enabled: no binding either
+    await bob.enable()
+    await bound(gw, BOB[0])
+    assert await bindings_of(exchange_name) == {(routing_key(BOB[0]), bus.queue_name)}
+    await james.publish(ALICE[0], Email="a1")
+    await james.publish(CAROL[0], Email="c1")
+    await james.publish(BOB[0], Email="b1")
+    assert await bob.next_changed() == {BOB_ACC: {"Email": "b1"}}
+    # The broker never routed Alice's or Carol's event to this node's queue.
+    assert bus.received_events == 1
+    await carol.echo()
+    assert carol.pushes == []
+    # The last session leaving removes the binding (after the unbind delay).
+    await bob.close()
+    await eventually_async(lambda: _no_bindings(exchange_name), what="Bob's binding removed")
+    await carol.close()
+
+
+async def _no_bindings(exchange: str) -> bool:
+    return not await bindings_of(exchange)
+
+
+# --- several gateway processes on one broker ------------------------------------------------------------
+
+async def test_a_change_on_one_gateway_reaches_a_session_on_another_once(spawn: Spawn, tmp_path: Path,
+                                                                         exchange_name: str) -> None:
+    require_rabbitmqctl()
+    smtp_port = free_port()
+    db = str(tmp_path / "mail.sqlite3")  # both nodes serve one mail store, as an all-in-one cluster would
+    a = await spawn(DB=db, SMTP_PORT=str(smtp_port))
+    b = await spawn(DB=db)
+    on_a, on_b = await Client.open(a.port), await Client.open(b.port)
+    for c in (on_a, on_b):
+        await c.enable()
+    await eventually_async(lambda: _bound_queues(exchange_name, BOB[0], 2), what="both nodes bound to Bob")
+
+    await admin_publish(a.port, BOB[0], Email="x1")  # injected on A
+    await admin_publish(b.port, BOB[0], Email="x2")  # and on B
+    for c in (on_a, on_b):
+        # Each node's sessions get each event once, its own ones included (they come back through the broker).
+        assert await c.next_changed() == {BOB_ACC: {"Email": "x1"}}
+        assert await c.next_changed() == {BOB_ACC: {"Email": "x2"}}
+
+    # A mail delivered by A's SMTP listener is committed by A and pushed to B's session.
+    await asyncio.to_thread(send_mail, smtp_port, BOB[0], "through the bus")
+    changed = (await on_b.next_changed())[BOB_ACC]
+    assert {"Email", "Mailbox", "Thread", "EmailDelivery"} <= set(changed)
+    assert (await on_a.next_changed())[BOB_ACC] == changed
+    await admin_publish(b.port, BOB[0], Email="marker")
+    for c in (on_a, on_b):
+        assert await c.next_changed() == {BOB_ACC: {"Email": "marker"}}  # the mail's push came once
+    # B's session resynchronises over its own socket and sees the mail.
+    got = await on_b.request([["Email/query", {"accountId": BOB_ACC}, "q"],
+                              ["Email/get", {"accountId": BOB_ACC, "properties": ["subject"],
+                                             "#ids": {"resultOf": "q", "name": "Email/query", "path": "/ids"}},
+                               "g"]])
+    assert [e["subject"] for e in got["methodResponses"][1][1]["list"]] == ["through the bus"]
+    for c in (on_a, on_b):
+        await c.close()
+    assert await a.stop() == 0
+    assert await b.stop() == 0
+
+
+async def _bound_queues(exchange: str, username: str, count: int) -> bool:
+    return len(await queues_bound_to(exchange, username)) == count
+
+
+# --- broker connection cut ------------------------------------------------------------------------------
+
+async def test_broker_cut_keeps_sockets_and_ends_with_every_change(
+        exchange_name: str, make_gateway: GatewayFactory, james: James) -> None:
+    require_rabbitmqctl()
+    proxy = SeverableProxy.to_broker()
+    await proxy.start()
+    try:
+        await _broker_cut_scenario(exchange_name, make_gateway, james, proxy)
+    finally:
+        await proxy.close()
+
+
+async def _broker_cut_scenario(exchange_name: str, make_gateway: GatewayFactory, james: James,
+                               proxy: SeverableProxy) -> None:
+    smtp_port = free_port()
+    gw = await make_gateway(backend=True, BUS="amqp", AMQP_EXCHANGE=exchange_name, AMQP_URL=proxy.url(),
+                            SMTP_PORT=str(smtp_port))
+    bobs = [await Client.open(gw.port) for _ in range(3)]
+    alice = await Client.open(gw.port, ALICE)
+    for c in [*bobs, alice]:
+        await c.enable()
+    await bound(gw, BOB[0], ALICE[0])
+    principal = gw.directory.principal(BOB[0])
+
+    async def truth() -> dict[str, str]:
+        return (await gw.request_path.current_states(principal, [BOB_ACC]))[BOB_ACC]
+
+    initial = await truth()
+    mails = 0
+
+    async def flow(until: asyncio.Event) -> None:
+        nonlocal mails
+        while not until.is_set() and mails < 200:  # bounded
+            await asyncio.to_thread(send_mail, smtp_port, BOB[0], f"mail {mails}")
+            mails += 1
+
+    stop_flow = asyncio.Event()
+    flowing = asyncio.create_task(flow(stop_flow))
+    try:
+        await _cut_and_restore(gw, bobs, alice, james, proxy, truth, initial, lambda: mails, stop_flow, flowing,
+                               exchange_name)
+    finally:
+        flowing.cancel()
+        await asyncio.gather(flowing, return_exceptions=True)
+        for c in [*bobs, alice]:
+            await c.close()
+
+
+async def _cut_and_restore(gw: Gateway, bobs: list[Client], alice: Client, james: James, proxy: SeverableProxy,
+                           truth: Callable[[], Awaitable[dict[str, str]]], initial: dict[str, str],
+                           delivered: Callable[[], int], stop_flow: asyncio.Event, flowing: asyncio.Task[None],
+                           exchange_name: str) -> None:
+    bus = cast(AmqpBus, gw.bus)
+    await eventually(lambda: delivered() >= 3, what="mails delivered before the cut")
+    await bobs[0].next_push()  # pushes flow through the broker
+
+    proxy.sever()
+    await eventually_async(lambda: _status_is(gw.port, "/readyz", 503), what="/readyz 503 during the outage")
+    status, problem = await http_get(gw.port, "/readyz")
+    assert status == 503 and json.loads(problem)["detail"] == "Not ready: bus."
+    before = delivered()
+    await eventually(lambda: delivered() >= before + 3, what="mails delivered during the outage")
+    # A change through the socket while the broker is away: committed, its publish fails (logged, swallowed).
+    found = await bobs[1].request([["Mailbox/query", {"accountId": BOB_ACC, "filter": {"role": "drafts"}}, "q"]])
+    drafts = found["methodResponses"][0][1]["ids"][0]
+    draft = await bobs[1].request([["Email/set", {"accountId": BOB_ACC, "create": {"d": {
+        "mailboxIds": {drafts: True}, "keywords": {"$draft": True}, "subject": "written offline"}}}, "s"]])
+    assert "d" in (draft["methodResponses"][0][1]["created"] or {}), draft
+    stop_flow.set()
+    await flowing
+    assert not bus.ready
+    final = await truth()
+    for c in [*bobs, alice]:
+        await c.echo()  # every socket is still up and served (and every push sent so far has been read)
+    for c in bobs:  # what changed during the outage is not known yet
+        assert {t: c.knowledge(BOB_ACC).get(t, initial[t]) for t in final} != final
+
+    proxy.restore()
+    await eventually_async(lambda: _status_is(gw.port, "/readyz", 200), timeout=30,
+                           what="/readyz 200 after the reconnection")
+    await eventually_async(
+        lambda: _bindings_are(exchange_name, {(routing_key(BOB[0]), bus.queue_name),
+                                              (routing_key(ALICE[0]), bus.queue_name)}),
+        what="the bindings restored")
+    # No change happens after the outage: only the gap resync can tell the clients what they missed.
+    assert await truth() == final
+    for c in bobs:
+        deadline = time.monotonic() + 15
+        while {t: c.knowledge(BOB_ACC).get(t, initial[t]) for t in final} != final:
+            await c.read(deadline)
+    # Alice's states did not move: the resync told her nothing, and her next push is James's marker.
+    await james.publish(ALICE[0], Email="marker")
+    assert await alice.next_changed() == {ALICE_ACC: {"Email": "marker"}}
+    assert alice.pushes == [alice.pushes[-1]]
+    assert bus.reconnects == 1
+
+
+async def _status_is(port: int, path: str, status: int) -> bool:
+    return (await http_get(port, path))[0] == status
+
+
+async def _bindings_are(exchange: str, expected: set[tuple[str, str]]) -> bool:
+    return await bindings_of(exchange) == expected
+
+
+# --- start-up failures ----------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("workers", ["1", "2"])
+async def test_unreachable_broker_at_start_exits_1_with_one_line(spawn: Spawn, tmp_path: Path,
+                                                                 workers: str) -> None:
+    gp = await spawn(wait=False, WORKERS=workers, DB=str(tmp_path / "mail.sqlite3"),
+                     AMQP_URL=f"amqp://guest:guest@127.0.0.1:{free_port()}/", LOG_LEVEL="WARNING")
+    assert await asyncio.wait_for(gp.proc.wait(), 30) == 1
+    lines = gp.stderr().splitlines()
+    assert len(lines) == 1, lines
+    assert lines[0].startswith("jmap-gateway: cannot start") and "RabbitMQ" in lines[0]
+    assert "guest:guest" not in lines[0]  # the password is not printed
+
+
+@pytest.mark.parametrize(("bus", "db", "expected"), [
+    ("memory", "file", "GATEWAY_WORKERS=2 needs GATEWAY_BUS=amqp"),
+    ("amqp", ":memory:", "GATEWAY_WORKERS=2 cannot share GATEWAY_DB=:memory:"),
+])
+async def test_workers_refuse_what_cannot_be_shared(tmp_path: Path, bus: str, db: str, expected: str) -> None:
+    env = {**os.environ, **settings_env()}
+    env.update({"GATEWAY_WORKERS": "2", "GATEWAY_BUS": bus,
+                "GATEWAY_DB": str(tmp_path / "mail.sqlite3") if db == "file" else db})
+    proc = await asyncio.create_subprocess_exec(sys.executable, "-m", "gateway", cwd=ROOT, env=env,
+                                                stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+    out, err = await asyncio.wait_for(proc.communicate(), 30)
+    assert proc.returncode == 2
+    assert out == b""
+    lines = err.decode().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("jmap-gateway: " + expected), lines
+
+
+async def test_workers_on_a_port_in_use_exit_1_with_one_line(spawn: Spawn, tmp_path: Path) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        gp = await spawn(wait=False, WORKERS="2", PORT=str(port), DB=str(tmp_path / "mail.sqlite3"))
+        assert await asyncio.wait_for(gp.proc.wait(), 30) == 1
+    lines = gp.stderr().splitlines()
+    assert lines == [f"jmap-gateway: cannot start: cannot bind 127.0.0.1:{port}: Address already in use"]
+
+
+# --- GATEWAY_WORKERS ------------------------------------------------------------------------------------
+
+async def open_spread(gp: GatewayProcess, exchange: str, want: int = 12, most: int = 60) -> list[Client]:
+    """Open push-enabled Bob sessions until there are `want` and both workers hold some (their queues are
+    both bound to Bob): SO_REUSEPORT spreads connections by a hash, so a few more may be needed."""
+    clients: list[Client] = []
+    while True:
+        c = await Client.open(gp.port)
+        await c.enable()
+        clients.append(c)
+        if len(clients) >= want and len(await queues_bound_to(exchange, BOB[0])) == 2:
+            return clients
+        assert len(clients) < most, "every connection went to the same worker"
+
+
+async def test_workers_share_the_port_and_each_session_gets_a_change_once(
+        spawn: Spawn, tmp_path: Path, exchange_name: str) -> None:
+    require_rabbitmqctl()
+    smtp_port = free_port()
+    gp = await spawn(WORKERS="2", DB=str(tmp_path / "mail.sqlite3"), SMTP_PORT=str(smtp_port),
+                     AMQP_UNBIND_DELAY="0")
+    assert "2 workers" in gp.line
+    assert len(gp.children()) == 2
+    clients = await open_spread(gp, exchange_name)
+    assert (await http_get(gp.port, "/readyz"))[0] == 200
+
+    await asyncio.to_thread(send_mail, smtp_port, BOB[0], "to every worker")
+    first = [(await c.next_changed())[BOB_ACC] for c in clients]
+    assert all(f == first[0] for f in first) and "EmailDelivery" in first[0]
+    await admin_publish(gp.port, BOB[0], Email="marker")
+    for c in clients:
+        assert await c.next_changed() == {BOB_ACC: {"Email": "marker"}}  # the mail's change came once
+
+    # SIGTERM to the supervisor: every worker closes its sockets with 1001, and the supervisor exits 0.
+    gp.proc.send_signal(signal.SIGTERM)
+    for c in clients:
+        with pytest.raises(ConnectionClosed):
+            await asyncio.wait_for(c.ws.recv(), 20)
+        assert c.ws.close_code == 1001
+    assert await gp.stop() == 0
+    assert gp.children() == set()
+
+
+async def test_a_worker_that_dies_is_restarted(spawn: Spawn, tmp_path: Path, exchange_name: str) -> None:
+    require_rabbitmqctl()
+    gp = await spawn(WORKERS="2", DB=str(tmp_path / "mail.sqlite3"), AMQP_UNBIND_DELAY="0")
+    clients = await open_spread(gp, exchange_name)
+    queues_before = await queues_bound_to(exchange_name, BOB[0])
+    victim = min(gp.children())
+    os.kill(victim, signal.SIGKILL)
+    await eventually(lambda: len(gp.children()) == 2 and victim not in gp.children(), timeout=30,
+                     what="a new worker in place of the killed one")
+    await eventually(lambda: "died unexpectedly (killed by signal 9)" in gp.stderr(), what="the death logged")
+
+    survivors, dropped = [], []
+    for c in clients:
+        try:
+            await c.echo()
+            survivors.append(c)
+        except ConnectionClosed:
+            dropped.append(c)
+    assert survivors and dropped  # the sessions were spread; the killed worker's ones went with it
+    # The dropped clients reconnect (to either worker) until the new worker holds sessions too.
+    await eventually_async(lambda: _status_is(gp.port, "/readyz", 200), timeout=30, what="ready")
+    clients = survivors + await open_spread(gp, exchange_name, want=len(dropped))
+    assert len((await queues_bound_to(exchange_name, BOB[0])) - queues_before) == 1  # the new node's queue
+    await admin_publish(gp.port, BOB[0], Email="after-restart")
+    for c in clients:
+        assert await c.next_changed() == {BOB_ACC: {"Email": "after-restart"}}
+    for c in clients:
+        await c.close()
+    assert await gp.stop() == 0
+
+
+async def test_workers_stop_when_the_supervisor_is_killed(spawn: Spawn, tmp_path: Path) -> None:
+    gp = await spawn(WORKERS="2", DB=str(tmp_path / "mail.sqlite3"))
+    clients = [await Client.open(gp.port) for _ in range(4)]
+    workers = gp.children()
+    assert len(workers) == 2
+    gp.proc.kill()  # no chance to forward anything: the workers see their control socket close
+    await gp.proc.wait()
+    await eventually(lambda: not any(os.path.exists(f"/proc/{pid}") and _alive(pid) for pid in workers),
+                     timeout=30, what="the orphaned workers shut down")
+    for c in clients:  # and they did so gracefully
+        with pytest.raises(ConnectionClosed):
+            await asyncio.wait_for(c.ws.recv(), 10)
+        assert c.ws.close_code == 1001
+
+
+def _alive(pid: int) -> bool:
+    """True unless the process is gone or a zombie (an orphan is reaped by init, but not necessarily at once)."""
+    try:
+        with open(f"/proc/{pid}/stat") as fh:
+            return fh.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
