@@ -189,6 +189,11 @@ class Store:
         if db.execute("SELECT 1 FROM accounts WHERE id=?", (account_id,)).fetchone() is None:
             db.execute("BEGIN IMMEDIATE")
             try:
+                # Checked again under the write lock: another process (a worker) may have created it meanwhile.
+                if db.execute("SELECT 1 FROM accounts WHERE id=?", (account_id,)).fetchone() is not None:
+                    db.execute("ROLLBACK")
+                    self._known_accounts.add(account_id)
+                    return
                 db.execute("INSERT INTO accounts(id, username) VALUES(?, ?)", (account_id, username))
                 db.executemany("INSERT INTO type_states(account_id, type, modseq) VALUES(?, ?, 0)",
                                [(account_id, t) for t in TYPES])

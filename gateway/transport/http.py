@@ -13,7 +13,7 @@ from aiohttp import web
 
 from gateway.bus.events import EventDecodeError, decode_events
 from gateway.directory import Principal
-from gateway.errors import LIMIT, PROBLEM_CONTENT_TYPE, HTTPProblem, RequestLevelError
+from gateway.errors import LIMIT, PROBLEM_CONTENT_TYPE, GatewayError, HTTPProblem, RequestLevelError
 from gateway.jmap.codec import decode_api_request
 from gateway.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from gateway.upstream.base import check_request
@@ -146,7 +146,11 @@ async def admin_events(request: web.Request) -> web.Response:
         events = decode_events(body)
     except EventDecodeError as exc:
         raise HTTPProblem(400, f"Not a StateChangeEvent or an array of them: {exc}.") from None
-    await gw.bus.publish(events)
+    try:
+        await gw.bus.publish(events)
+    except GatewayError as exc:
+        # The bus cannot take events now (e.g. the broker is away): the caller may retry, nothing was published.
+        raise HTTPProblem(503, f"The event bus is unavailable: {exc}.", headers={"Retry-After": "5"}) from None
     return _json_response({"accepted": len(events)}, status=202)
 
 

@@ -501,6 +501,10 @@ async def _cut_and_restore(gw: Gateway, bobs: list[Client], alice: Client, james
     await eventually_async(lambda: _status_is(gw.port, "/readyz", 503), what="/readyz 503 during the outage")
     status, problem = await http_get(gw.port, "/readyz")
     assert status == 503 and json.loads(problem)["detail"] == "Not ready: bus."
+    event = {"type": "org.apache.james.jmap.change.StateChangeEvent", "username": ALICE[0], "typeStates": {"X": "1"}}
+    async with aiohttp.ClientSession() as http, http.post(
+            f"http://127.0.0.1:{gw.port}/admin/events", json=event, headers={"Authorization": f"Bearer {ADMIN}"}) as r:
+        assert r.status == 503 and r.headers["Retry-After"], "injection during an outage: retry later, not 500"
     before = delivered()
     await eventually(lambda: delivered() >= before + 3, what="mails delivered during the outage")
     # A change through the socket while the broker is away: committed, its publish fails (logged, swallowed).
