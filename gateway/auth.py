@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import hmac
 import logging
 import secrets
 import time
@@ -29,8 +30,9 @@ class Authenticator:
     def __init__(self, settings: Settings, directory: Directory, clock: Clock = time.time) -> None:
         self._directory = directory
         self.clock = clock
-        self._ticket_ttl = settings.ticket_ttl
-        self._tickets: dict[str, tuple[str, float]] = {}  # ticket -> (username, expiry)
+        self.ticket_ttl = settings.ticket_ttl
+        self._ticket_key = (settings.ticket_secret or secrets.token_hex(32)).encode()
+        self._redeemed: dict[str, float] = {}  # nonce -> expiry, for single use on this process
         self._jwt_keys: list[tuple[object, list[str]]] = []
         if settings.jwt_secret:
             self._jwt_keys.append((settings.jwt_secret, ["HS256"]))
@@ -89,18 +91,36 @@ class Authenticator:
     # --- one-time tickets for browsers, which cannot set Authorization on a WebSocket -------------------------
 
     def issue_ticket(self, principal: Principal) -> tuple[str, str]:
-        """A single-use ticket for `principal` and its expiry as an RFC 3339 UTCDate."""
-        now = self.clock()
-        self._tickets = {t: v for t, v in self._tickets.items() if v[1] > now}
-        value = secrets.token_urlsafe(32)
-        expiry = now + self._ticket_ttl
-        self._tickets[value] = (principal.username, expiry)
-        valid_until = datetime.fromtimestamp(expiry, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
-        return value, valid_until
+        """A single-use ticket for `principal` and its expiry as an RFC 3339 UTCDate.
+
+        Signed, not stored: the upgrade may land on another worker (SO_REUSEPORT) or host than the POST did."""
+        expiry = self.clock() + self.ticket_ttl
+        body = base64.urlsafe_b64encode(
+            f"{secrets.token_hex(12)}:{int(expiry)}:{principal.username}".encode()).rstrip(b"=")
+        value = (body + b"." + self._sign(body)).decode("ascii")
+        return value, datetime.fromtimestamp(int(expiry), UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+    def _sign(self, body: bytes) -> bytes:
+        return base64.urlsafe_b64encode(hmac.digest(self._ticket_key, body, "sha256")).rstrip(b"=")
 
     def redeem_ticket(self, value: str) -> Principal:
-        """The principal of a ticket, consuming it; HTTPProblem(401) if unknown, used or expired."""
-        entry = self._tickets.pop(value, None)
-        if entry is None or entry[1] <= self.clock():
-            raise self._unauthorized("The ticket is unknown, already used or expired.")
-        return self._directory.principal(entry[0])
+        """The principal of a ticket, consuming it; HTTPProblem(401) if forged, used or expired.
+
+        Single use is enforced by the process that redeems it; with several processes a ticket could be replayed
+        on another one within its (short) lifetime, which is why the TTL defaults to a minute."""
+        refused = self._unauthorized("The ticket is unknown, already used or expired.")
+        body, _, signature = value.encode("ascii", "replace").partition(b".")
+        if not body or not hmac.compare_digest(signature, self._sign(body)):
+            raise refused
+        try:
+            decoded = base64.urlsafe_b64decode(body + b"=" * (-len(body) % 4)).decode()
+            nonce, expiry_text, username = decoded.split(":", 2)
+            expiry = float(expiry_text)
+        except (ValueError, UnicodeDecodeError, binascii.Error):
+            raise refused from None
+        now = self.clock()
+        if expiry <= now or nonce in self._redeemed:
+            raise refused
+        self._redeemed = {n: e for n, e in self._redeemed.items() if e > now}
+        self._redeemed[nonce] = expiry
+        return self._directory.principal(username)

@@ -31,6 +31,7 @@ import asyncio
 import contextlib
 import logging
 import os
+import secrets
 import signal
 import socket
 import sys
@@ -181,6 +182,7 @@ class Supervisor:
     def __init__(self, settings: Settings, argv0: Sequence[str] = (sys.executable, "-m", "gateway")) -> None:
         self.settings = settings
         self._argv0 = list(argv0)
+        self._ticket_secret = secrets.token_hex(32)
         self._workers = [_Worker(i + 1) for i in range(settings.workers)]
         self._stopping = False
         self._stop = asyncio.Event()
@@ -225,6 +227,8 @@ class Supervisor:
         ours, theirs = socket.socketpair()
         ours.setblocking(False)
         env = dict(os.environ, GATEWAY_PORT=str(self.port))
+        # One ticket key for every worker: a ticket issued by one is redeemed by whichever takes the upgrade.
+        env.setdefault("GATEWAY_TICKET_SECRET", self._ticket_secret)
         if worker.index > 1:
             env["GATEWAY_SMTP_PORT"] = "0"  # one SMTP listener, in worker 1
         try:

@@ -139,6 +139,9 @@ SPECS: tuple[Spec, ...] = (
          "Path to a PEM public key for RS256/ES256 Bearer JWTs. Unset = off."),
     Spec("GATEWAY_TICKET_TTL", "ticket_ttl", _float(1, 3600), "60",
          "Seconds a one-time WebSocket ticket (`POST /jmap/ws/ticket`) stays valid."),
+    Spec("GATEWAY_TICKET_SECRET", "ticket_secret", _optional_str, "",
+         "Key that signs WebSocket tickets, so that any process or host with the same key redeems them (workers "
+         "share one automatically). Unset = a random key per start."),
     Spec("GATEWAY_REQUIRE_SUBPROTOCOL", "require_subprotocol", _bool, "true",
          "Require `jmap` in `Sec-WebSocket-Protocol` (HTTP 400 without it); false accepts such clients "
          "without echoing a subprotocol."),
@@ -244,6 +247,7 @@ class Settings:
     jwt_secret: str | None = None
     jwt_public_key: str | None = None
     ticket_ttl: float = 60.0
+    ticket_secret: str | None = None
     require_subprotocol: bool = True
     max_size_request: int = 10_000_000
     max_message_bytes: int = 0

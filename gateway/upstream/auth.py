@@ -131,9 +131,10 @@ class FrontAuthenticator(Authenticator):
     # --- tickets keep the whole principal (its credentials are needed to forward requests) -------------------
 
     def issue_ticket(self, principal: Principal) -> tuple[str, str]:
+        # Not the core's signed tickets: these hold the client's credentials, so they stay in this process.
         value, valid_until = super().issue_ticket(principal)
-        expiry = self._tickets.pop(value)[1]  # the core's table keeps usernames; this one the principal
         now = self.clock()
+        expiry = now + self.ticket_ttl
         self._principal_tickets = {t: v for t, v in self._principal_tickets.items() if v[1] > now}
         self._principal_tickets[value] = (principal, expiry)
         return value, valid_until

@@ -222,3 +222,22 @@ async def test_close_frame_with_rsv_bits_fails_1002(gateway: Gateway) -> None:
     client.send(CLOSE, (1000).to_bytes(2, "big"), rsv=7)
     assert await client.recv_close() == 1002
     await client.close()
+
+
+async def test_tickets_are_redeemable_on_any_process_sharing_the_key(make_gateway: GatewayFactory) -> None:
+    issuer = await make_gateway(TICKET_SECRET="shared-key")
+    other = await make_gateway(TICKET_SECRET="shared-key")
+    stranger = await make_gateway(TICKET_SECRET="another-key")
+    value, _ = issuer.auth.issue_ticket(issuer.directory.principal(ALICE[0]))
+    with pytest.raises(InvalidStatus) as info:
+        await websockets.connect(ws_url(stranger, f"ticket={value}"), subprotocols=["jmap"])
+    assert info.value.response.status_code == 401
+    body, _, signature = value.partition(".")
+    forged = body[:-2] + ("AA" if body[-2:] != "AA" else "BB") + "." + signature
+    with pytest.raises(InvalidStatus):
+        await websockets.connect(ws_url(other, f"ticket={forged}"), subprotocols=["jmap"])
+    async with websockets.connect(ws_url(other, f"ticket={value}"), subprotocols=["jmap"]) as ws:
+        await ws.send(echo("T2"))
+        assert (await recv_json(ws))["requestId"] == "T2"
+    with pytest.raises(InvalidStatus):  # single use on the process that redeemed it
+        await websockets.connect(ws_url(other, f"ticket={value}"), subprotocols=["jmap"])
