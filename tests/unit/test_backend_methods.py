@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
@@ -18,25 +17,9 @@ from tests.unit.test_backend_support import (
     PDF_BYTES,
     Client,
     Env,
-    backend_env,
+    deliver,
     message,
 )
-
-
-@pytest.fixture
-async def env(tmp_path: Any) -> AsyncIterator[Env]:
-    async with backend_env(str(tmp_path / "mail.sqlite3")) as e:
-        yield e
-
-
-@pytest.fixture
-def bob(env: Env) -> Client:
-    return env.client(BOB)
-
-
-async def deliver(env: Env, raw: bytes, to: str = BOB) -> str:
-    return (await env.backend.deliver([to], raw))[to]
-
 
 # --- capabilities and session ---
 

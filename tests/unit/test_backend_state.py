@@ -6,30 +6,18 @@ from __future__ import annotations
 import asyncio
 import random
 import sqlite3
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import pytest
 
 from gateway.bus.events import StateChangeEvent
-from tests.unit.test_backend_support import ALICE, BOB, CAROL, Client, Env, backend_env, message
+from tests.unit.test_backend_support import ALICE, BOB, CAROL, Client, Env, backend_env, deliver, message
 
 TYPES = {"Mailbox", "Email", "Thread", "EmailDelivery", "VacationResponse"}
 
 
-@pytest.fixture
-async def env(tmp_path: Any) -> AsyncIterator[Env]:
-    async with backend_env(str(tmp_path / "mail.sqlite3")) as e:
-        yield e
 
-
-@pytest.fixture
-def bob(env: Env) -> Client:
-    return env.client(BOB)
-
-
-async def deliver(env: Env, raw: bytes, to: str = BOB) -> str:
-    return (await env.backend.deliver([to], raw))[to]
 
 
 # --- /changes ---
