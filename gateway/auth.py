@@ -71,22 +71,28 @@ class Authenticator:
         return self._directory.principal(username)
 
     def _bearer(self, token: str) -> Principal:
-        last_error = "Invalid token."
+        verified = self.verify_jwt(token)
+        if verified is None:
+            raise self._unauthorized("Invalid token.")
+        return self._directory.principal(*verified)
+
+    def verify_jwt(self, token: str) -> tuple[str, float | None] | None:
+        """(sub, exp) of a token signed with one of the configured keys; None when no key verifies it;
+        HTTPProblem(401) when one does but the token has expired or has no subject."""
         for key, algorithms in self._jwt_keys:
             try:
                 claims = jwt.decode(token, key, algorithms=algorithms,  # type: ignore[arg-type]
                                     options={"require": ["sub"]})
             except jwt.ExpiredSignatureError:
                 raise self._unauthorized("The token has expired.") from None
-            except jwt.PyJWTError as exc:
-                last_error = f"Invalid token: {exc}."
+            except jwt.PyJWTError:
                 continue
             sub = claims.get("sub")
             if not isinstance(sub, str) or not sub:
                 raise self._unauthorized("The token has no usable subject.")
             exp = claims.get("exp")
-            return self._directory.principal(sub, float(exp) if isinstance(exp, int | float) else None)
-        raise self._unauthorized(last_error)
+            return sub, float(exp) if isinstance(exp, int | float) else None
+        return None
 
     # --- one-time tickets for browsers, which cannot set Authorization on a WebSocket -------------------------
 

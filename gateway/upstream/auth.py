@@ -15,8 +15,6 @@ import time
 from collections.abc import Callable, Iterable
 from typing import Any
 
-import jwt
-
 from gateway.auth import Authenticator, Clock
 from gateway.config import Settings
 from gateway.directory import Directory, Principal
@@ -70,7 +68,7 @@ class FrontAuthenticator(Authenticator):
         sessions = self._upstream.sessions
         key = sessions.key(header)
         if scheme == "bearer":
-            local = self._verify_jwt(value.strip())
+            local = self.verify_jwt(value.strip())
             if local is not None:
                 return await self._local_jwt(local[0], local[1], credentials, key, fresh)
         try:
@@ -86,24 +84,6 @@ class FrontAuthenticator(Authenticator):
         return principal_from(session, credentials, key)
 
     # --- Bearer JWTs this gateway can verify itself ---------------------------------------------------------
-
-    def _verify_jwt(self, token: str) -> tuple[str, float | None] | None:
-        """(sub, exp) of a token signed with a configured key; None when it is not ours (the upstream decides);
-        HTTPProblem(401) when it is ours but expired or without a subject."""
-        for key, algorithms in self._jwt_keys:
-            try:
-                claims = jwt.decode(token, key, algorithms=algorithms,  # type: ignore[arg-type]
-                                    options={"require": ["sub"]})
-            except jwt.ExpiredSignatureError:
-                raise self._unauthorized("The token has expired.") from None
-            except jwt.PyJWTError:
-                continue
-            sub = claims.get("sub")
-            if not isinstance(sub, str) or not sub:
-                raise self._unauthorized("The token has no usable subject.")
-            exp = claims.get("exp")
-            return sub, float(exp) if isinstance(exp, int | float) else None
-        return None
 
     async def _local_jwt(self, sub: str, exp: float | None, credentials: Credentials, key: bytes,
                          fresh: bool) -> FrontPrincipal:
