@@ -50,8 +50,8 @@ async def make_gateway() -> AsyncIterator[GatewayFactory]:
         """`backend=True` runs the embedded mail backend (the default role); otherwise the transport and push
         tests use the core request path (Core/echo only), so their expectations do not depend on mail state."""
         env = settings_env(**{f"GATEWAY_{k}": v for k, v in overrides.items()})
-        if request_path is None and not backend:
-            request_path = CoreOnly()
+        if request_path is None and not backend and "UPSTREAM_URL" not in overrides:
+            request_path = CoreOnly()  # with UPSTREAM_URL the gateway is in front mode: its proxy path
         gw = Gateway(load(env), request_path=request_path)
         await gw.start()
         started.append(gw)

@@ -24,10 +24,9 @@ from websockets.exceptions import ConnectionClosed, InvalidStatus
 
 from gateway.app import Gateway
 from gateway.bus.events import new_event
-from gateway.config import load
 from gateway.directory import account_id_for
 from gateway.fanout import pushstate
-from tests.conftest import ALICE, BOB, CAROL, basic, settings_env
+from tests.conftest import ALICE, BOB, CAROL, GatewayFactory, basic
 from tests.e2e.test_front_mode import connect_front, get_session, request
 from tests.e2e.test_seed_story import free_port
 from tests.e2e.test_ws_protocol import recv_json
@@ -192,20 +191,11 @@ async def fake() -> AsyncIterator[FakeUpstream]:
 
 
 @pytest.fixture
-async def make_front() -> AsyncIterator[FrontFactory]:
-    started: list[Gateway] = []
-
+async def make_front(make_gateway: GatewayFactory) -> FrontFactory:
     async def factory(upstream_url: str, **overrides: str) -> Gateway:
-        env = settings_env(**{"GATEWAY_UPSTREAM_URL": upstream_url,
-                              **{f"GATEWAY_{k}": v for k, v in overrides.items()}})
-        gw = Gateway(load(env))
-        await gw.start()
-        started.append(gw)
-        return gw
+        return await make_gateway(UPSTREAM_URL=upstream_url, **overrides)
 
-    yield factory
-    for gw in started:
-        await gw.stop(grace=0)
+    return factory
 
 
 def echo_call(n: int = 1) -> list[Any]:

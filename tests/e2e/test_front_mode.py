@@ -28,9 +28,8 @@ import websockets
 from websockets.exceptions import InvalidStatus
 
 from gateway.app import Gateway
-from gateway.config import load
 from gateway.directory import account_id_for
-from tests.conftest import ADMIN, ALICE, BOB, basic, settings_env
+from tests.conftest import ADMIN, ALICE, BOB, GatewayFactory, basic, settings_env
 from tests.e2e.test_seed_story import free_port, send_mail
 from tests.e2e.test_ws_protocol import recv_json
 from tests.integration.amqp_support import BROKER_URL, require_broker
@@ -118,22 +117,13 @@ async def start_upstream(exchange: str, tmp_path: Path) -> AsyncIterator[Upstrea
 
 
 @pytest.fixture
-async def make_front(exchange: str) -> AsyncIterator[FrontFactory]:
+async def make_front(exchange: str, make_gateway: GatewayFactory) -> FrontFactory:
     """Front-mode gateways in this process, on the test's exchange (override with BUS="memory")."""
-    started: list[Gateway] = []
-
     async def factory(upstream_url: str, **overrides: str) -> Gateway:
-        env = settings_env(**{"GATEWAY_UPSTREAM_URL": upstream_url, "GATEWAY_BUS": "amqp",
-                              "GATEWAY_AMQP_EXCHANGE": exchange, "GATEWAY_AMQP_URL": BROKER_URL,
-                              **{f"GATEWAY_{k}": v for k, v in overrides.items()}})
-        gw = Gateway(load(env))
-        await gw.start()
-        started.append(gw)
-        return gw
+        settings = {"BUS": "amqp", "AMQP_EXCHANGE": exchange, "AMQP_URL": BROKER_URL, **overrides}
+        return await make_gateway(UPSTREAM_URL=upstream_url, **settings)
 
-    yield factory
-    for gw in started:
-        await gw.stop(grace=0)
+    return factory
 
 
 async def connect_front(gw: Gateway, authorization: str | None = None, query: str = "") -> Any:
