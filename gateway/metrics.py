@@ -28,6 +28,8 @@ class Metrics:
         self.registry = CollectorRegistry(auto_describe=True)
         r = self.registry
         self.connections = Gauge("gateway_connections_open", "Open WebSocket connections", registry=r)
+        self.eventsource_connections = Gauge("gateway_eventsource_connections_open",
+                                             "Open event-source (RFC 8620 §7.3) streams", registry=r)
         self.upgrades = Counter("gateway_upgrades_total", "WebSocket upgrades by outcome", ["outcome"], registry=r)
         self.messages_in = Counter("gateway_messages_in_total", "Client messages received", registry=r)
         self.messages_out = Counter("gateway_messages_out_total", "Messages sent by type", ["type"], registry=r)

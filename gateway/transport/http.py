@@ -273,11 +273,6 @@ async def upload(request: web.Request) -> web.Response:
     return web.Response(status=answer.status, body=body, headers=answer.headers)
 
 
-async def not_implemented(request: web.Request) -> web.Response:
-    await _principal(request)
-    raise HTTPProblem(501, "This endpoint is advertised by RFC 8620 but not implemented by this gateway yet.")
-
-
 def build_app(services: HttpServices) -> web.Application:
     app = web.Application(middlewares=[problems], client_max_size=services.settings.max_size_request + 1)
     app[SERVICES] = services
@@ -294,5 +289,4 @@ def build_app(services: HttpServices) -> web.Application:
     app.router.add_route("DELETE", "/admin/delegations/{owner}/{delegate}", admin_delegation)
     app.router.add_get("/jmap/download/{account}/{blob}/{name}", download)
     app.router.add_post("/jmap/upload/{account}/", upload)
-    app.router.add_get("/jmap/eventsource/", not_implemented)
     return app
