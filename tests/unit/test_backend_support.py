@@ -171,3 +171,16 @@ PDF_BYTES = b"%PDF-1.4\n%\xc7\xec\x8f\xa2\n1 0 obj\n<<>>\nendobj\ntrailer\n<<>>\
 async def deliver(env: Env, raw: bytes, to: str = BOB) -> str:
     """Deliver `raw` to `to` as SMTP would; the new emailId."""
     return (await env.backend.deliver([to], raw))[to]
+
+
+def parts_by_id(structure: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    out: dict[str, dict[str, Any]] = {}
+
+    def walk(node: dict[str, Any]) -> None:
+        if node["partId"]:
+            out[node["partId"]] = node
+        for sub in node.get("subParts", ()):
+            walk(sub)
+
+    walk(structure)
+    return out
