@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import math
 from collections.abc import Callable
+from functools import partial
 from typing import cast
 
 from hypothesis import given
@@ -58,6 +59,14 @@ class ManualLoop:
             handle.callback()
 
 
+def record(log: list[str], name: str, now: float) -> None:
+    log.append(name)
+
+
+def record_time(log: dict[int, list[float]], key: int, now: float) -> None:
+    log.setdefault(key, []).append(now)
+
+
 def wheel(resolution: float = 1.0) -> tuple[TimerWheel, ManualLoop]:
     loop = ManualLoop()
     return TimerWheel(cast(asyncio.AbstractEventLoop, loop), resolution), loop
@@ -97,7 +106,7 @@ def test_due_buckets_fire_in_order_and_entries_of_a_bucket_in_insertion_order() 
     w, loop = wheel()
     order: list[str] = []
     for name, when in (("c", 3.0), ("a1", 1.0), ("b", 2.0), ("a2", 0.5)):
-        w.call_at(when, lambda now, name=name: order.append(name))
+        w.call_at(when, partial(record, order, name))
     loop.advance(10)  # late: every bucket is due at once
     assert order == ["a1", "a2", "b", "c"]
 
@@ -147,7 +156,7 @@ def test_every_entry_fires_once_at_the_first_step_past_its_bucket(resolution: fl
     w, loop = wheel(resolution)
     fired: dict[int, list[float]] = {}
     for i, when in enumerate(entries):
-        w.call_at(when, lambda now, i=i: fired.setdefault(i, []).append(now))
+        w.call_at(when, partial(record_time, fired, i))
     clock = 0.0
     expected: dict[int, list[float]] = {}
     for step in sorted(steps):
