@@ -19,13 +19,13 @@ from collections.abc import AsyncIterable, Awaitable, Callable, Collection, Sequ
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
 
-from gateway.backend import mime
 from gateway.backend.delivery import MAX_SIZE_ATTACHMENTS, UnknownRecipient, resolve_recipient
 from gateway.backend.methods import METHODS
 from gateway.backend.methods.common import Context, Limits
 from gateway.backend.methods.email import read_blob
 from gateway.backend.methods.mailbox import MAX_DEPTH, MAX_NAME_OCTETS
 from gateway.backend.methods.query import SORT_OPTIONS
+from gateway.backend.mime.parse import ParsedEmail, parse_message
 from gateway.backend.refs import resolve_arguments
 from gateway.backend.smtp import SmtpListener
 from gateway.backend.store import TYPES, Store
@@ -269,12 +269,12 @@ class EmbeddedBackend:
                       ) -> tuple[list[dict[str, str] | Exception], list[StateChangeEvent]]:
         store = self._store
         received_at = int(self._clock())
-        parsed: list[mime.ParsedEmail | Exception] = []
+        parsed: list[ParsedEmail | Exception] = []
         for usernames, raw in batch:
             for username in usernames:
                 store.ensure_account(account_id_for(username), username)
             try:
-                parsed.append(mime.parse_message(raw))
+                parsed.append(parse_message(raw))
             except Exception as exc:  # the parser is lenient; this is a last line of defence per message
                 log.exception("cannot parse a delivered message")
                 parsed.append(exc)

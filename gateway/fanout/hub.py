@@ -202,7 +202,6 @@ class Hub:
     def _register(self, sub: Subscription) -> None:
         target = sub.target
         self._subs[target] = sub
-        target.key = sub.key
         for acc in sub.key[0]:
             groups = self._index.get(acc)
             if groups is None:
