@@ -11,7 +11,7 @@ import logging
 import time
 import uuid
 from collections.abc import Collection, Iterator, Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 from aiohttp import web
 from picows import WSAutoPingStrategy, WSUpgradeResponse, WSUpgradeResponseWithListener
@@ -26,7 +26,7 @@ from gateway.bus.memory import MemoryBus
 from gateway.config import Settings
 from gateway.deflate import negotiate
 from gateway.directory import Directory, Principal
-from gateway.errors import Close, HTTPProblem, ProtocolViolation, RequestLevelError
+from gateway.errors import Close, HTTPProblem, ListenError, ProtocolViolation, RequestLevelError
 from gateway.fanout.hub import Hub
 from gateway.jmap.types import CORE, WEBSOCKET
 from gateway.metrics import Metrics, counter, gauge
@@ -43,6 +43,14 @@ log = logging.getLogger(__name__)
 SERVER_FAIL = "urn:ietf:params:jmap:error:serverFail"
 # picows' smallest read buffer (it grows by doubling for larger messages): idle connections dominate memory.
 READ_BUFFER_INIT = 2048
+
+
+class Drained(NamedTuple):
+    """What `Gateway.stop()` drained: the figures of the final `stopped` log line."""
+
+    requests_finished: int  # in flight when the stop began, and finished within the grace period
+    requests_cancelled: int  # still running when the grace period ended
+    sockets_closed: int  # WebSockets closed with 1001
 
 
 class _PicowsLog(logging.LoggerAdapter[logging.Logger]):
@@ -147,14 +155,22 @@ class Gateway:
 
             self._smtp = SmtpListener(self.request_path, self.directory,  # type: ignore[arg-type]
                                       self.settings.smtp_host, self.settings.smtp_port)
-            await self._smtp.start()
+            try:
+                await self._smtp.start()
+            except OSError as exc:
+                raise ListenError("SMTP", self.settings.smtp_host, self.settings.smtp_port, "GATEWAY_SMTP_HOST",
+                                  "GATEWAY_SMTP_PORT", "0 = off", exc) from None
         self._runner = web.AppRunner(build_app(self), access_log=None, handle_signals=False)
         await self._runner.setup()
         http_factory = self._runner.server
         assert http_factory is not None
-        self._server = await self._loop.create_server(
-            lambda: FrontProtocol(self._ws_paths, self._accept_websocket, http_factory, self._track),
-            self.settings.host, self.settings.port, reuse_port=self.settings.workers > 1, backlog=4096)
+        try:
+            self._server = await self._loop.create_server(
+                lambda: FrontProtocol(self._ws_paths, self._accept_websocket, http_factory, self._track),
+                self.settings.host, self.settings.port, reuse_port=self.settings.workers > 1, backlog=4096)
+        except OSError as exc:
+            raise ListenError("HTTP/WebSocket", self.settings.host, self.settings.port, "GATEWAY_HOST",
+                              "GATEWAY_PORT", "0 = any free port", exc) from None
         self.port = self._server.sockets[0].getsockname()[1]
         log.info("listening on %s:%d (coalescer: %s, broadcast: %s, bus: %s, node %s)", self.settings.host,
                  self.port, self.impl_name(self.coalesce), self.impl_name(self.broadcast), self.settings.bus,
@@ -164,16 +180,19 @@ class Gateway:
     def impl_name(module: Any) -> str:
         return "native" if native.is_native(module) else "python"
 
-    async def stop(self, grace: float | None = None) -> None:
+    async def stop(self, grace: float | None = None) -> Drained:
         """Stop accepting, finish in-flight requests, close every socket with 1001 (RFC 6455 §7.4.1)."""
         grace = self.settings.shutdown_grace if grace is None else grace
         if self._server is not None:
             self._server.close()
+        in_flight = set(self._tasks)
         deadline = time.monotonic() + grace
         while self._tasks and time.monotonic() < deadline:
             await asyncio.wait(list(self._tasks), timeout=max(0.0, deadline - time.monotonic()))
-        for conn in list(self.connections):
+        sockets = list(self.connections)
+        for conn in sockets:
             conn.close(Close.GOING_AWAY, "server shutting down")
+        drained = Drained(len(in_flight - self._tasks), len(self._tasks), len(sockets))
         close_deadline = time.monotonic() + 2.0
         while self.connections and time.monotonic() < close_deadline:
             await asyncio.sleep(0.01)  # bounded: sockets report their disconnect through picows callbacks
@@ -187,6 +206,7 @@ class Gateway:
         await self.request_path.stop()
         if self._wheel is not None:
             self._wheel.close()
+        return drained
 
     def _track(self, task: asyncio.Task[Any]) -> None:
         self._tasks.add(task)
@@ -288,7 +308,8 @@ class Gateway:
         except RequestLevelError as exc:
             result = exc
         except Exception:
-            log.exception("request path failed for %s", conn.principal.username)
+            log.exception("request path failed for %s", conn.principal.username,
+                          extra={"username": conn.principal.username})
             result = RequestLevelError(SERVER_FAIL, "The server failed to process the request.", status=500)
         if isinstance(result, RequestLevelError):
             self.metrics.request_errors.labels(result.type_uri.rsplit(":", 1)[-1]).inc()

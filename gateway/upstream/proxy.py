@@ -313,7 +313,8 @@ class ProxyRequestPath:
         try:
             session = await self.session_of(principal)
         except RequestLevelError as exc:
-            log.warning("no current states for %s from the upstream: %s", principal.username, exc.detail)
+            log.warning("no current states for %s from the upstream: %s", principal.username, exc.detail,
+                        extra={"username": principal.username})
             return {}
         wanted = set(account_ids)
         calls: list[tuple[str, dict[str, Any], str]] = []
@@ -338,12 +339,14 @@ class ProxyRequestPath:
         for result in results:
             if isinstance(result, BaseException):
                 detail = result.detail if isinstance(result, RequestLevelError) else repr(result)
-                log.warning("reading current states of %s from the upstream failed: %s", principal.username, detail)
+                log.warning("reading current states of %s from the upstream failed: %s", principal.username, detail,
+                            extra={"username": principal.username})
                 continue
             try:
                 invocations = _invocations_decoder.decode(result.methodResponses)
             except (msgspec.DecodeError, msgspec.ValidationError):
-                log.warning("the upstream's answer to a state read for %s is malformed", principal.username)
+                log.warning("the upstream's answer to a state read for %s is malformed", principal.username,
+                            extra={"username": principal.username})
                 continue
             for name, args, call_id in invocations:
                 state = args.get("state")

@@ -48,3 +48,10 @@ def test_every_setting_is_in_the_readme_table() -> None:
     assert not missing, f"settings missing from the README table: {missing}"
     unknown = documented - {spec.name for spec in SPECS}
     assert not unknown, f"README documents settings the code does not have: {unknown}"
+
+
+def test_the_readme_table_shows_the_defaults_of_the_specs() -> None:
+    # `--help` and `jmap-gateway settings` print the SPECS table itself; the README mirrors it.
+    rows = dict(re.findall(r"^\|\s*`(GATEWAY_[A-Z0-9_]+)`\s*\|\s*([^|]*?)\s*\|", README.read_text(), flags=re.M))
+    for spec in SPECS:
+        assert rows[spec.name] == (f"`{spec.default}`" if spec.default else "(unset)"), spec.name
