@@ -1,5 +1,5 @@
-"""Command-line entry point (`python -m gateway`, `jmap-gateway`): settings, logging, event loop, signals, and
-with GATEWAY_WORKERS > 1 the supervisor of the worker processes.
+"""Command-line entry point (`python -m gateway`, `jmap-gateway [run | settings | check]`): settings, logging
+(text or JSON lines), event loop, signals, and with GATEWAY_WORKERS > 1 the supervisor of the worker processes.
 
 A bad setting exits with status 2 and one line naming the variable, the value and what is allowed; a gateway
 that cannot start (RabbitMQ unreachable, port taken) exits with status 1 and one line saying why.
@@ -61,6 +61,7 @@ STOP_MARGIN = 15.0
 # Libraries whose INFO lines are noise for an operator (aiosmtpd: 2-3 per SMTP connection; picows: every accepted
 # connection, at 100k connections; aio-pika/aiormq: connection chatter): shown from WARNING, or all with DEBUG.
 THIRD_PARTY_LOGGERS = ("mail", "picows", "aio_pika", "aiormq", "aiohttp")
+_json_logging = False  # set by configure_logging: fatal() then writes its line as a JSON object too
 
 
 class JsonLines(JsonFormatter):
@@ -90,9 +91,6 @@ def configure_logging(level: str, tag: str = "", fmt: str = "text", fields: Mapp
     quiet = logging.DEBUG if level == "DEBUG" else max(logging.WARNING, logging.getLevelName(level))
     for name in THIRD_PARTY_LOGGERS:
         logging.getLogger(name).setLevel(quiet)
-
-
-_json_logging = False
 
 
 def fatal(message: str) -> None:
