@@ -57,3 +57,18 @@ def require_all() -> None:
     if missing:
         raise NativeMissing("compiled modules missing: " + ", ".join(f"gateway.{m}" for m in missing)
                             + " (build them with `make native`)")
+
+
+def main() -> int:
+    """`python -m gateway.native` (the last step of `make native`): one line saying which modules are compiled."""
+    status_ = status()
+    missing = [f"gateway.{name}" for name, ok in status_.items() if not ok]
+    if missing:
+        print("native modules missing: " + ", ".join(missing) + " (their Python twins would run)")
+        return 1
+    print("native build done: " + ", ".join(f"gateway.{name}" for name in status_) + " compiled")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

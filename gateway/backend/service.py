@@ -32,7 +32,7 @@ from gateway.backend.store import TYPES, Store
 from gateway.bus.events import StateChangeEvent, new_event
 from gateway.config import Settings
 from gateway.directory import Account, Directory, Principal, account_id_for
-from gateway.errors import HTTPProblem, MethodError
+from gateway.errors import HTTPProblem, ListenError, MethodError
 from gateway.jmap.types import CORE, MAIL, SUBMISSION, VACATION, WEBSOCKET, ApiRequest, ApiResponse, Invocation
 from gateway.upstream.base import Blob, Counters, SessionContext, local_session
 
@@ -132,8 +132,13 @@ class EmbeddedBackend:
         s = self._settings
         if s.smtp_port and self._smtp is None:
             # Mail arrives here (RFC 5321 final delivery) only in this role: the SMTP door is the backend's.
-            self._smtp = SmtpListener(self, self._directory, s.smtp_host, s.smtp_port)
-            await self._smtp.start()
+            smtp = SmtpListener(self, self._directory, s.smtp_host, s.smtp_port)
+            try:
+                await smtp.start()
+            except OSError as exc:
+                raise ListenError("SMTP", s.smtp_host, s.smtp_port, "GATEWAY_SMTP_HOST", "GATEWAY_SMTP_PORT",
+                                  "0 = off", exc) from None
+            self._smtp = smtp
 
     async def stop(self) -> None:
         if self._smtp is not None:

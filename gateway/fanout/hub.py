@@ -308,7 +308,7 @@ class Hub:
             current = await self._states_source(principal, accounts)
         except Exception as exc:
             log.warning("could not read the current states of %s (%r); trying again in %gs", principal.username,
-                        exc, self._retry_delay)
+                        exc, self._retry_delay, extra={"username": principal.username})
             self._schedule_retry()
             return False
         finally:

@@ -590,7 +590,8 @@ async def test_workers_on_a_port_in_use_exit_1_with_one_line(spawn: Spawn, tmp_p
         gp = await spawn(wait=False, WORKERS="2", PORT=str(port), DB=str(tmp_path / "mail.sqlite3"))
         assert await asyncio.wait_for(gp.proc.wait(), 30) == 1
     lines = gp.stderr().splitlines()
-    assert lines == [f"jmap-gateway: cannot start: cannot bind 127.0.0.1:{port}: Address already in use"]
+    assert lines == [f"jmap-gateway: cannot start: 127.0.0.1:{port} (HTTP/WebSocket) is already in use; "
+                     "set GATEWAY_PORT to a free port (0 = any free port)"]
 
 
 # --- GATEWAY_WORKERS ------------------------------------------------------------------------------------
