@@ -142,6 +142,17 @@ class Hub:
     def subscription(self, target: Any) -> Subscription | None:
         return self._subs.get(target)
 
+    def principals_of(self, owner: str) -> list[Principal]:
+        """The principals of the live subscriptions that cover an account of `owner` (a bus that reads events with
+        a client's own credentials, front mode's upstream event streams, picks one). Not for the hot path."""
+        if owner not in self._owner_refs:
+            return []
+        seen: dict[int, Principal] = {}
+        for sub in self._subs.values():
+            if any(a.owner == owner for a in sub.principal.accounts):
+                seen.setdefault(id(sub.principal), sub.principal)
+        return list(seen.values())
+
     def subscribe(self, target: Any, principal: Principal, data_types: frozenset[str] | None,
                   framing: int = WEBSOCKET) -> Subscription:
         """RFC 8887 §4.3.5.2 (and an event-source connection, RFC 8620 §7.3), the synchronous half: (re)place the
