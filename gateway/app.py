@@ -23,8 +23,8 @@ from gateway.config import Settings
 from gateway.deflate import Compression
 from gateway.directory import Directory
 from gateway.errors import ListenError
-from gateway.fanout.hub import Hub
-from gateway.metrics import Metrics, counter, counters, gauge
+from gateway.fanout.hub import FANOUT_BOUNDS, Hub
+from gateway.metrics import Metrics, counter, counters, gauge, histogram
 from gateway.session import Session
 from gateway.transport.front import FrontProtocol, RequestHead, UpgradeHandler
 from gateway.transport.http import HttpServices, build_app
@@ -79,7 +79,6 @@ class Gateway:
                                        min_bytes=settings.deflate_min_bytes, max_size=settings.message_limit)
         self.hub = Hub(self.bus, self.request_path.current_states, self.broadcast,
                        coalesce_ms=settings.push_coalesce_ms, compress=self.compression.compress)
-        self.hub.stats.fanout_seconds = self.metrics.fanout.observe
         counts = UserCounts()  # GATEWAY_MAX_CONNECTIONS_PER_USER counts WebSockets and event streams together
         self.websockets = WebSocketService(settings, self.auth, self.request_path, self.hub, self.compression,
                                            self.coalesce, self.broadcast, self.metrics, session_class=session_class,
@@ -159,6 +158,8 @@ class Gateway:
         yield counter("gateway_pushes_delivered", "StateChange frames written to sockets", stats.pushes)
         yield counter("gateway_slow_client_merges", "StateChanges merged for paused sockets", stats.merged)
         yield gauge("gateway_push_subscriptions", "Push-enabled sessions", self.hub.subscriptions)
+        yield histogram("gateway_fanout_seconds", "A bus batch in to its last write (one batch: one loop turn)",
+                        FANOUT_BOUNDS, stats.fanout_counts, stats.fanout_sum)
         impl = GaugeMetricFamily("gateway_native_module", "1 when the compiled module runs, 0 for the Python twin",
                                  labels=["module"])
         for name, module in (("coalesce", self.coalesce), ("broadcast", self.broadcast), ("deflate", self.deflate)):

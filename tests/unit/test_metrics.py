@@ -33,7 +33,6 @@ def test_counters_and_labels() -> None:
     m.connections.inc()
     m.upgrades.labels("ok").inc()
     m.http_requests.labels("/jmap/session", "200").inc()
-    m.fanout.observe(0.002)
     got = samples(m)
     assert got[("gateway_messages_in_total", ())] == 2
     assert got[("gateway_messages_out_total", (("type", "Response"),))] == 1
@@ -43,9 +42,25 @@ def test_counters_and_labels() -> None:
     assert got[("gateway_connections_open", ())] == 1
     assert got[("gateway_upgrades_total", (("outcome", "ok"),))] == 1
     assert got[("gateway_http_requests_total", (("route", "/jmap/session"), ("status", "200")))] == 1
-    assert got[("gateway_fanout_seconds_count", ())] == 1
+
+
+
+def test_a_histogram_kept_by_the_hot_path() -> None:
+    from gateway.fanout.hub import FANOUT_BOUNDS, HubStats
+    from gateway.metrics import histogram
+
+    stats = HubStats()
+    for seconds in (0.002, 0.0021, 3.0):
+        stats.fanout(seconds)
+    m = Metrics()
+    m.add_callback(lambda: iter([histogram("gateway_fanout_seconds", "x", FANOUT_BOUNDS, stats.fanout_counts,
+                                           stats.fanout_sum)]))
+    got = samples(m)
+    assert got[("gateway_fanout_seconds_count", ())] == 3
     assert got[("gateway_fanout_seconds_bucket", (("le", "0.001"),))] == 0
-    assert got[("gateway_fanout_seconds_bucket", (("le", "0.005"),))] == 1
+    assert got[("gateway_fanout_seconds_bucket", (("le", "0.005"),))] == 2
+    assert got[("gateway_fanout_seconds_bucket", (("le", "+Inf"),))] == 3
+    assert abs(got[("gateway_fanout_seconds_sum", ())] - 3.0041) < 1e-9
 
 
 def test_each_instance_has_its_own_registry() -> None:
@@ -86,4 +101,4 @@ def test_the_page_is_prometheus_text() -> None:
     text = Metrics().render().decode()
     names = {f.name for f in text_string_to_metric_families(text)}
     assert {"gateway_connections_open", "gateway_messages_in", "gateway_close_codes",
-            "gateway_fanout_seconds", "gateway_slow_client_closes", "gateway_request_errors"} <= names
+            "gateway_slow_client_closes", "gateway_request_errors"} <= names
