@@ -326,6 +326,9 @@ class AmqpBus:
                 if not waiters and self._bind_waiters.get(username) is waiters:
                     del self._bind_waiters[username]
 
+    def bound(self, username: str) -> bool:
+        return username in self._bound
+
     async def wait_subscribed(self, usernames: Collection[str]) -> None:
         """The port's wait: every binding of `usernames` confirmed by the broker (see `wait_bound`)."""
         await asyncio.gather(*(self.wait_bound(u) for u in usernames if u in self._wanted))

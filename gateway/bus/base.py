@@ -47,6 +47,9 @@ class Bus(Protocol):
     def unsubscribe(self, username: str) -> None:
         """Stop receiving `username`'s events on this node (idempotent; may be delayed)."""
 
+    def bound(self, username: str) -> bool:
+        """Whether events of `username` reach this node now (RabbitMQ: its binding is confirmed)."""
+
     async def wait_subscribed(self, usernames: Collection[str]) -> None:
         """Return once events of these subscribed usernames reach this node (RabbitMQ: their bindings are
         confirmed). The hub awaits it before reading current states, so that no change falls between the read

@@ -34,6 +34,9 @@ class MemoryBus:
     def unsubscribe(self, username: str) -> None:
         self._subscribed.discard(username)
 
+    def bound(self, username: str) -> bool:
+        return True  # a subscription takes effect at once
+
     async def wait_subscribed(self, usernames: Collection[str]) -> None:
         return None  # a subscription takes effect at once
 

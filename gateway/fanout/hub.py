@@ -316,17 +316,25 @@ class Hub:
 
     async def _read_now(self, principal: Principal, accounts: Sequence[str], deliver: bool) -> bool:
         owners = {a.owner for a in principal.accounts if a.id in accounts}
-        if self._bus.ready:
-            # Bound before the read: every change after the read's snapshot then reaches us as an event.
-            try:
-                async with asyncio.timeout(BIND_WAIT):
-                    await self._bus.wait_subscribed(owners)
-            except TimeoutError:
-                log.warning("the bus did not confirm the subscription of %s within %gs; reading anyway",
-                            principal.username, BIND_WAIT)
         watch: dict[str, dict[str, str]] = {acc: {} for acc in accounts}
         self._watches.append(watch)
+        before: dict[str, dict[str, str]] | None = None
         try:
+            if self._bus.ready and not all(self._bus.bound(o) for o in owners):
+                # Not bound yet: a change between now and the binding would reach this node as no event, and a
+                # client that enabled without a pushState would never hear of it. So read now (before any request
+                # the client sends after its enable) and again once bound; what moved in between is pushed.
+                first = asyncio.ensure_future(self._states_source(principal, accounts))
+                try:
+                    async with asyncio.timeout(BIND_WAIT):
+                        await self._bus.wait_subscribed(owners)
+                except TimeoutError:
+                    log.warning("the bus did not confirm the subscription of %s within %gs; reading anyway",
+                                principal.username, BIND_WAIT, extra={"username": principal.username})
+                try:
+                    before = await first
+                except Exception:
+                    before = None  # the second read decides alone
             current = await self._states_source(principal, accounts)
         except Exception as exc:
             log.warning("could not read the current states of %s (%r); trying again in %gs", principal.username,
@@ -345,8 +353,12 @@ class Hub:
             changed = {t: s for t, s in fresh.items() if t not in moved and live.get(t) != s}
             live.update(changed)
             self._complete.add(acc)
-            if deliver and changed:
-                self.deliver(acc, changed)
+            push = dict(changed) if deliver else {}
+            if before is not None:
+                earlier = before.get(acc, {})
+                push.update({t: s for t, s in fresh.items() if t not in moved and earlier.get(t) != s})
+            if push:
+                self.deliver(acc, push)
         return True
 
     def _schedule_retry(self) -> None:

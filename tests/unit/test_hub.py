@@ -37,6 +37,9 @@ class FakeBus:
     async def wait_subscribed(self, usernames: Any) -> None:
         return None
 
+    def bound(self, username: str) -> bool:
+        return True
+
     def subscribe(self, u: str) -> None:
         self.subscribed[u] = self.subscribed.get(u, 0) + 1
 
@@ -279,3 +282,34 @@ async def test_principals_covering_an_owner() -> None:
     hub.disable(bob_alone)
     hub.disable(bob_again)
     assert hub.principals_of("bob") == []
+
+
+class SlowBindBus(FakeBus):
+    """A bus whose binding is confirmed only when the test says so (RabbitMQ's round trip)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.confirmed = asyncio.Event()
+
+    def bound(self, username: str) -> bool:
+        return self.confirmed.is_set()
+
+    async def wait_subscribed(self, usernames: Any) -> None:
+        await self.confirmed.wait()
+
+
+async def test_a_change_before_the_binding_is_pushed_to_a_session_enabled_without_push_state() -> None:
+    bus, source = SlowBindBus(), States({ACC: {"Email": "e1", "Mailbox": "m1"}})
+    hub = Hub(bus, source, twin)  # type: ignore[arg-type]
+    t = target()
+    enabling = asyncio.ensure_future(hub.enable(t, BOB, None, None, lambda: True))
+    for _ in range(100):  # the first read happens at once, before the binding
+        if source.calls:
+            break
+        await asyncio.sleep(0)
+    # The client reads e1/m1 itself now. A mail arrives before the binding: no event reaches this node.
+    source.states[ACC] = {"Email": "e2", "Mailbox": "m1"}
+    bus.confirmed.set()
+    await enabling
+    assert source.calls == 2
+    assert changed(t) == [{ACC: {"Email": "e2"}}], "what moved before the binding is pushed once bound"

@@ -80,6 +80,9 @@ class FakeBus:
     def unsubscribe(self, username: str) -> None:
         self.net[username] = self.net.get(username, 0) - 1
 
+    def bound(self, username: str) -> bool:
+        return True
+
     async def wait_subscribed(self, usernames: Collection[str]) -> None:
         return None
 
