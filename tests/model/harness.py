@@ -8,13 +8,16 @@ No test logic here: every wait polls a condition with a deadline; nothing sleeps
 from __future__ import annotations
 
 import base64
+import contextlib
 import json
 import os
+import queue
 import re
 import smtplib
 import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -308,3 +311,162 @@ class PushSocket:
     def close(self) -> None:
         self.closed = True
         self._stack.close()
+
+
+class Client:
+    """A client as a person's mail app is: one socket at a time, the states it was told (merged from every
+    StateChange, newest wins), and the last pushState it received, kept across sockets."""
+
+    def __init__(self, user: tuple[str, str]) -> None:
+        self.user = user
+        self.socket: PushSocket | None = None
+        self.known: dict[str, dict[str, str]] = {}
+        self.push_state: str | None = None
+        self.pushes: list[dict[str, Any]] = []
+
+    def _on_push(self, msg: dict[str, Any]) -> None:
+        self.pushes.append(msg)
+        for acc, states in msg["changed"].items():
+            self.known.setdefault(acc, {}).update(states)
+        if msg.get("pushState"):
+            self.push_state = msg["pushState"]
+
+    def connect(self, gw: GatewayProcess) -> PushSocket:
+        self.close()
+        self.socket = PushSocket(gw.ws_url, basic(self.user), self._on_push)
+        return self.socket
+
+    def close(self) -> None:
+        if self.socket is not None:
+            self.socket.close()
+            self.socket = None
+
+    def enable(self, data_types: Any = None, *, resume: bool = True) -> None:
+        assert self.socket is not None
+        self.socket.enable(data_types, self.push_state if resume else None)
+
+    def sync(self, account_id: str, types: Iterable[str] = READABLE) -> None:
+        """Read the states over the socket, as a client does after enabling without pushState."""
+        assert self.socket is not None
+        answer = self.socket.request(state_calls(account_id, types))
+        for _name, args, call_id in answer["methodResponses"]:
+            self.known.setdefault(account_id, {})[call_id] = args["state"]
+
+    def state(self, account_id: str, type_: str) -> str | None:
+        return self.known.get(account_id, {}).get(type_)
+
+    def converge(self, want: dict[str, dict[str, str]], what: str = "the server's states") -> None:
+        """Read the socket until the known states include `want` (account -> type -> state); fail after WAIT."""
+        assert self.socket is not None
+
+        def done() -> bool:
+            return all(self.state(acc, t) == v for acc, states in want.items() for t, v in states.items())
+
+        if not self.socket.pump(done):
+            diff = {(acc, t): (self.state(acc, t), v) for acc, states in want.items() for t, v in states.items()
+                    if self.state(acc, t) != v}
+            raise AssertionError(f"the client did not converge to {what}; (known, wanted) = {diff}")
+
+    def until_push(self, predicate: Callable[[dict[str, Any]], bool], what: str) -> dict[str, Any]:
+        """Read the socket until a push satisfying `predicate` has arrived (since the call); returns it."""
+        assert self.socket is not None
+        start = len(self.pushes)
+
+        def seen() -> bool:
+            return any(predicate(p) for p in self.pushes[start:])
+
+        if not self.socket.pump(seen):
+            raise AssertionError(f"no push {what} within {WAIT}s; pushes since: {self.pushes[start:]}")
+        return next(p for p in self.pushes[start:] if predicate(p))
+
+
+PROBE = "com.example.Probe"  # a custom type only the routing probe publishes
+
+
+def wait_routed(client: Client, publisher: GatewayProcess, username: str, account_id: str) -> None:
+    """Until events for `username` published on `publisher` reach the client's socket: publish a probe event
+    (a custom type) and read the socket for it, again until one arrives. This is what "the node the client is on
+    is bound at the broker" looks like from outside; the client's dataTypes must include PROBE (or be null)."""
+    assert client.socket is not None
+    deadline = time.monotonic() + WAIT
+    n = 0
+    while True:
+        n += 1
+        value = f"probe-{uuid.uuid4().hex[:8]}"
+        start = len(client.pushes)
+        admin_publish(publisher.base, username, {PROBE: value})
+
+        def arrived(value: str = value, start: int = start) -> bool:
+            return any(p["changed"].get(account_id, {}).get(PROBE) == value for p in client.pushes[start:])
+
+        if client.socket.pump(arrived, timeout=0.5):
+            return
+        if time.monotonic() > deadline:
+            raise AssertionError(f"events for {username} published on {publisher.name} never reached the socket "
+                                 f"({n} probes)")
+
+
+class DelayProxy:
+    """A TCP relay to `target` that holds every byte the client sends for `delay` seconds (0 = pass at once),
+    keeping their order: a slow link between one gateway and the broker, so that its binding changes reach the
+    broker late while the other nodes' publishes do not. Threads, not asyncio: the tests around it are
+    synchronous."""
+
+    def __init__(self, target: tuple[str, int]) -> None:
+        self.target = target
+        self.delay = 0.0
+        self._stop = threading.Event()
+        self._listener = socket.create_server(("127.0.0.1", 0))
+        self.port: int = self._listener.getsockname()[1]
+        self._sockets: list[socket.socket] = [self._listener]
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while not self._stop.is_set():
+            try:
+                client, _ = self._listener.accept()
+            except OSError:
+                return
+            upstream = socket.create_connection(self.target)
+            self._sockets += [client, upstream]
+            sends: queue.Queue[tuple[float, bytes]] = queue.Queue()
+            threading.Thread(target=self._read, args=(client, sends), daemon=True).start()
+            threading.Thread(target=self._write_later, args=(sends, upstream), daemon=True).start()
+            threading.Thread(target=self._relay, args=(upstream, client), daemon=True).start()
+
+    def _read(self, src: socket.socket, sends: queue.Queue[tuple[float, bytes]]) -> None:
+        try:
+            while data := src.recv(65536):
+                sends.put((time.monotonic() + self.delay, data))
+        except OSError:
+            pass
+        sends.put((0.0, b""))
+
+    def _write_later(self, sends: queue.Queue[tuple[float, bytes]], dst: socket.socket) -> None:
+        while True:
+            due, data = sends.get()
+            if not data:
+                break
+            if self._stop.wait(max(0.0, due - time.monotonic())):  # the injected delay; returns early on close
+                break
+            try:
+                dst.sendall(data)
+            except OSError:
+                break
+        with contextlib.suppress(OSError):
+            dst.shutdown(socket.SHUT_WR)
+
+    def _relay(self, src: socket.socket, dst: socket.socket) -> None:
+        try:
+            while data := src.recv(65536):
+                dst.sendall(data)
+        except OSError:
+            pass
+        with contextlib.suppress(OSError):
+            dst.shutdown(socket.SHUT_WR)
+
+    def close(self) -> None:
+        self._stop.set()
+        for s in self._sockets:
+            with contextlib.suppress(OSError):
+                s.close()
