@@ -183,6 +183,7 @@ class Gateway:
             await self._runner.cleanup()
         if self._smtp is not None:
             await self._smtp.stop()
+        await self.hub.close()
         await self.bus.stop()
         await self.request_path.stop()
         if self._wheel is not None:
@@ -298,9 +299,12 @@ class Gateway:
         conn.finish(action.request_id, result)
 
     def enable_push(self, conn: Connection, action: EnablePush) -> None:
-        task = self.loop.create_task(self.hub.enable(conn.target, conn.principal, action.data_types,
-                                                     action.push_state, lambda: not conn.closing))
-        self._track(task)
+        # Subscribed at once (no event from here on is missed, and a delegation change takes effect before the
+        # next event); reading states and pushing what a resume missed may need I/O.
+        sub = self.hub.subscribe(conn.target, conn.principal, action.data_types)
+        rest = self.hub.resume(sub, action.push_state, lambda: not conn.closing)
+        if rest is not None:
+            self._track(self.loop.create_task(rest))
 
     def send_message(self, conn: Connection, payload: bytes) -> None:
         self.hub.send_one(conn.target, payload)

@@ -38,7 +38,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from typing import Any
 
 import aio_pika
@@ -321,6 +321,10 @@ class AmqpBus:
                 waiters.remove(fut)
                 if not waiters and self._bind_waiters.get(username) is waiters:
                     del self._bind_waiters[username]
+
+    async def wait_subscribed(self, usernames: Collection[str]) -> None:
+        """The port's wait: every binding of `usernames` confirmed by the broker (see `wait_bound`)."""
+        await asyncio.gather(*(self.wait_bound(u) for u in usernames if u in self._wanted))
 
     async def settled(self) -> None:
         """Return once every subscribe/unsubscribe so far is applied on the broker (delayed unbinds count

@@ -13,12 +13,13 @@ Contract (every adapter documents how it meets it):
   (memory) never calls it.
 - `publish(events)` returns once the bus has accepted them (for RabbitMQ: publisher confirms). Every subscriber of
   a username on every node receives each published event exactly once while connected.
+- `wait_subscribed(usernames)` returns once events of those (subscribed) usernames reach this node.
 - `ready` is False while the bus cannot deliver (e.g. the broker is away); `/readyz` reports it.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from typing import Protocol
 
 from gateway.bus.events import StateChangeEvent
@@ -44,6 +45,11 @@ class Bus(Protocol):
 
     def unsubscribe(self, username: str) -> None:
         """Stop receiving `username`'s events on this node (idempotent; may be delayed)."""
+
+    async def wait_subscribed(self, usernames: Collection[str]) -> None:
+        """Return once events of these subscribed usernames reach this node (RabbitMQ: their bindings are
+        confirmed). The hub awaits it before reading current states, so that no change falls between the read
+        and the first event; callers bound the wait."""
 
     async def publish(self, events: Sequence[StateChangeEvent]) -> None:
         """Publish events to every node subscribed to their usernames."""

@@ -6,7 +6,7 @@ subscribed usernames are handed on, exactly as a broker with per-node bindings w
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 
 from gateway.bus.base import EventHandler, GapHandler
 from gateway.bus.events import StateChangeEvent
@@ -32,6 +32,9 @@ class MemoryBus:
 
     def unsubscribe(self, username: str) -> None:
         self._subscribed.discard(username)
+
+    async def wait_subscribed(self, usernames: Collection[str]) -> None:
+        return None  # a subscription takes effect at once
 
     def is_subscribed(self, username: str) -> bool:
         return username in self._subscribed

@@ -5,9 +5,22 @@ every target of the group. A variant is what makes the bytes differ: the session
 the pushState token) and its dataTypes filter. Sessions of one account with the same coverage and filter share
 one group, so an event for an account with 10,000 sessions is encoded once and written 10,000 times.
 
-The hub keeps the last state seen per account and type (for tokens and resumes), subscribes the bus to a
-username when the first local session covering that user's account enables push, and unsubscribes after the
-last one leaves. It never awaits on the delivery path.
+Which states the hub trusts (DESIGN.md §3 "resume never trusts stale state"):
+- An account is *covered* while at least one local session's subscription covers it; the bus is subscribed to its
+  owner for exactly that long. Only covered accounts have live states here, and they count as current only once
+  the request path's states were read since coverage began (the account is *complete*) and the bus has been
+  ready since. A resume on a complete account needs no request-path call; any other account is read first.
+- When an account stops being covered, its live states are dropped: from then on the bus no longer tells this
+  node what moves. The states of types no request path reports (custom types that only the bus carries, and
+  EmailDelivery in front mode) go to a bounded ledger instead: the newest this node saw while it was bound.
+- On resume, request-path types come from the (fresh) live states; a type only the bus carries comes from the
+  live states when this node has seen it since coverage began, else from the ledger. A ledger state cannot be
+  vouched for (the type may have moved while nobody here was bound), so it is pushed even when it equals what
+  the client was told; a type this node never saw is not pushed (the client's own state is all there is).
+- Events that arrive while a read is in flight win over the read for the types they name: they are at least as
+  new, because the bus was bound before the read began and delivers in publish order.
+
+The hub never awaits on the delivery path.
 """
 
 from __future__ import annotations
@@ -15,7 +28,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from types import ModuleType
 from typing import Any
 
@@ -34,6 +47,13 @@ VariantKey = tuple[tuple[str, ...], frozenset[str] | None]
 
 HEADROOM = 14
 TEXT = 1
+# Accounts whose bus-only states the ledger keeps after their last session left (about 200 bytes each).
+LEDGER_ACCOUNTS = 100_000
+# How long a read waits for the bus to confirm a new subscription (RabbitMQ: the binding) before going ahead.
+BIND_WAIT = 5.0
+# Back-off of re-reading accounts whose states the request path could not give (e.g. the upstream is down).
+RETRY_MIN = 1.0
+RETRY_MAX = 60.0
 
 
 class HubStats:
@@ -76,7 +96,8 @@ def _filter(states: dict[str, str], types: frozenset[str] | None) -> dict[str, s
 
 class Hub:
     def __init__(self, bus: Bus, states_source: StatesSource, broadcast_impl: ModuleType, *,
-                 coalesce_ms: int = 0, compress: Callable[[memoryview], bytes | None] | None = None) -> None:
+                 coalesce_ms: int = 0, compress: Callable[[memoryview], bytes | None] | None = None,
+                 ledger_accounts: int = LEDGER_ACCOUNTS) -> None:
         self._bus = bus
         self._states_source = states_source
         self._broadcast = broadcast_impl.broadcast
@@ -87,7 +108,19 @@ class Hub:
         self._index: dict[str, dict[VariantKey, Group]] = {}
         self._subs: dict[Any, Subscription] = {}  # target -> its subscription
         self._owner_refs: dict[str, int] = {}
-        self._states: dict[str, dict[str, str]] = {}  # last state seen, per account and type
+        # Live states of covered accounts only (the module docstring says when they are trusted).
+        self._states: dict[str, dict[str, str]] = {}
+        self._complete: set[str] = set()  # covered accounts read from the request path since coverage began
+        self._path_types: set[str] = set()  # type names the request path has reported
+        # Last states seen of types only the bus carries, for accounts no longer covered (oldest first).
+        self._ledger: dict[str, dict[str, str]] = {}
+        self._ledger_max = ledger_accounts
+        # Types the bus moved while a read was in flight, per read: they win over the read's answer.
+        self._watches: list[dict[str, dict[str, str]]] = []
+        self._reads: dict[tuple[str, tuple[str, ...]], asyncio.Task[bool]] = {}
+        self._retry: asyncio.TimerHandle | None = None
+        self._retry_delay = RETRY_MIN
+        self._tasks: set[asyncio.Task[Any]] = set()
         self._account_ids: dict[str, str] = {}  # username -> accountId (sha256 is worth caching)
         self._window: dict[str, dict[str, str]] = {}
         self._window_handle: asyncio.TimerHandle | None = None
@@ -99,53 +132,77 @@ class Hub:
     def subscriptions(self) -> int:
         return len(self._subs)
 
-    def is_enabled(self, target: Any) -> bool:
-        return target in self._subs
-
     def subscription(self, target: Any) -> Subscription | None:
         return self._subs.get(target)
 
-    async def enable(self, target: Any, principal: Principal, data_types: frozenset[str] | None,
-                     push_state: str | None, still_open: Callable[[], bool]) -> None:
-        """RFC 8887 §4.3.5.2: (re)place the session's subscription; resume from `push_state` if given."""
+    def subscribe(self, target: Any, principal: Principal, data_types: frozenset[str] | None) -> Subscription:
+        """RFC 8887 §4.3.5.2, the synchronous half: (re)place the session's subscription now, so that no event
+        arriving from here on is missed. `resume` is the other half."""
         self.disable(target)  # a second enable replaces the first (DESIGN.md §4)
         sub = Subscription(target, principal, data_types)
-        accounts = list(sub.key[0])
-        # Register first, so that no event arriving while we ask for the current states is missed.
         self._register(sub)
-        if push_state is None and all(self._states.get(acc) for acc in accounts):
-            # Nothing to resume and the states are known already: no call to the request path (in front mode an
-            # upstream request per enable, which a reconnect storm would multiply).
-            return
-        try:
-            current = await self._states_source(principal, accounts)
-        except Exception:
-            log.exception("could not read the current states for %s; resuming from the last seen", principal.username)
-            current = {}
-        if self._subs.get(target) is not sub or not still_open():
-            return  # disabled, replaced or disconnected while we waited
-        for acc in accounts:
-            known = self._states.setdefault(acc, {})
-            for t, s in current.get(acc, {}).items():
-                known.setdefault(t, s)  # states seen on the bus are at least as new
-        if push_state is None:
-            return
-        told = pushstate.decode(push_state)
-        snapshot = self._snapshot(sub.key)
-        missed = pushstate.diff(snapshot, told)
+        return sub
+
+    def resume(self, sub: Subscription, push_state: str | None,
+               still_open: Callable[[], bool]) -> Coroutine[Any, Any, None] | None:
+        """The rest of an enable, or None when nothing is left to do: read the states of accounts that are not
+        complete, then (with `push_state`) push what the client missed."""
+        if push_state is None and self._trusted(sub.key[0]):
+            # Nothing to resume and the states are current: no request-path call (in front mode an upstream
+            # request per enable, which a reconnect storm would multiply).
+            return None
+        return self._resume(sub, push_state, still_open)
+
+    async def enable(self, target: Any, principal: Principal, data_types: frozenset[str] | None,
+                     push_state: str | None, still_open: Callable[[], bool]) -> None:
+        """`subscribe` then `resume`, for callers that simply wait for both."""
+        rest = self.resume(self.subscribe(target, principal, data_types), push_state, still_open)
+        if rest is not None:
+            await rest
+
+    def _trusted(self, accounts: Sequence[str]) -> bool:
+        return self._bus.ready and all(acc in self._complete for acc in accounts)
+
+    async def _resume(self, sub: Subscription, push_state: str | None, still_open: Callable[[], bool]) -> None:
+        accounts = sub.key[0]
+        if not self._trusted(accounts):
+            await self._read(sub.principal, accounts)
+        if push_state is None or self._subs.get(sub.target) is not sub or not still_open():
+            return  # nothing to resume, or disabled, replaced or disconnected while we waited
+        missed = self._missed(sub.key, pushstate.decode(push_state))
         if missed:
-            self._merge_into(target, missed)
-            if not target.paused:
-                self.flush(target)
+            self._merge_into(sub.target, missed)
+            if not sub.target.paused:
+                self.flush(sub.target)
+
+    def _missed(self, key: VariantKey, told: dict[str, dict[str, str]] | None) -> dict[str, dict[str, str]]:
+        """What a client that was told `told` (None: unreadable token) has to be pushed now."""
+        missed = pushstate.diff(self._snapshot(key), told)
+        types = key[1]
+        for acc in key[0]:
+            seen = self._ledger.get(acc)
+            if not seen:
+                continue
+            live = self._states.get(acc, {})
+            # Only the bus carries these and nobody here was bound all along: say the newest state we know.
+            uncertain = {t: s for t, s in seen.items()
+                         if t not in live and t not in self._path_types and (types is None or t in types)}
+            if uncertain:
+                missed.setdefault(acc, {}).update(uncertain)
+        return missed
 
     def _register(self, sub: Subscription) -> None:
         target = sub.target
         self._subs[target] = sub
         target.key = sub.key
         for acc in sub.key[0]:
-            group = self._index.setdefault(acc, {}).get(sub.key)
+            groups = self._index.get(acc)
+            if groups is None:
+                groups = self._index[acc] = {}
+                self._states[acc] = {}  # coverage begins: nothing is known until read or seen on the bus
+            group = groups.get(sub.key)
             if group is None:
-                group = self._index[acc][sub.key] = Group()
+                group = groups[sub.key] = Group()
             group.targets[target] = None
             if target.deflate:
                 group.deflate_count += 1
@@ -174,6 +231,7 @@ class Hub:
                     del groups[sub.key]
             if not groups:
                 del self._index[acc]
+                self._uncover(acc)
         for account in sub.principal.accounts:
             n = self._owner_refs.get(account.owner, 0) - 1
             if n <= 0:
@@ -181,6 +239,104 @@ class Hub:
                 self._bus.unsubscribe(account.owner)
             else:
                 self._owner_refs[account.owner] = n
+
+    def _uncover(self, acc: str) -> None:
+        """The account's last local session left: its live states go stale from now on, so they are dropped;
+        what only the bus tells is kept in the ledger."""
+        self._complete.discard(acc)
+        states = self._states.pop(acc, None)
+        if states:
+            self._remember(acc, states)
+
+    def _remember(self, acc: str, states: dict[str, str]) -> None:
+        bus_only = {t: s for t, s in states.items() if t not in self._path_types}
+        if not bus_only:
+            return
+        entry = self._ledger.pop(acc, None)  # re-inserted last: the dict's order is the eviction order
+        if entry is None:
+            entry = bus_only
+        else:
+            entry.update(bus_only)
+        self._ledger[acc] = entry
+        if len(self._ledger) > self._ledger_max:
+            del self._ledger[next(iter(self._ledger))]
+
+    # --- reading the request path --------------------------------------------------------------------------
+
+    def _read(self, principal: Principal, accounts: Sequence[str], *, deliver: bool = False) -> asyncio.Task[bool]:
+        """Read the current states of `accounts` into the live states (one read in flight per principal and
+        accounts: concurrent enables share it). True when the read succeeded."""
+        key = (principal.username, tuple(accounts))
+        task = self._reads.get(key)
+        if task is None or deliver:
+            task = asyncio.get_running_loop().create_task(self._read_now(principal, accounts, deliver))
+            self._reads[key] = task
+            task.add_done_callback(lambda t: self._reads.pop(key) if self._reads.get(key) is t else None)
+        return task
+
+    async def _read_now(self, principal: Principal, accounts: Sequence[str], deliver: bool) -> bool:
+        owners = {a.owner for a in principal.accounts if a.id in accounts}
+        if self._bus.ready:
+            # Bound before the read: every change after the read's snapshot then reaches us as an event.
+            try:
+                async with asyncio.timeout(BIND_WAIT):
+                    await self._bus.wait_subscribed(owners)
+            except TimeoutError:
+                log.warning("the bus did not confirm the subscription of %s within %gs; reading anyway",
+                            principal.username, BIND_WAIT)
+        watch: dict[str, dict[str, str]] = {acc: {} for acc in accounts}
+        self._watches.append(watch)
+        try:
+            current = await self._states_source(principal, accounts)
+        except Exception as exc:
+            log.warning("could not read the current states of %s (%r); trying again in %gs", principal.username,
+                        exc, self._retry_delay)
+            self._schedule_retry()
+            return False
+        finally:
+            self._watches.remove(watch)
+        for acc in accounts:
+            live = self._states.get(acc)
+            if live is None:
+                continue  # no longer covered meanwhile
+            fresh = current.get(acc, {})
+            self._path_types.update(fresh)
+            moved = watch[acc]
+            changed = {t: s for t, s in fresh.items() if t not in moved and live.get(t) != s}
+            live.update(changed)
+            self._complete.add(acc)
+            if deliver and changed:
+                self.deliver(acc, changed)
+        return True
+
+    def _schedule_retry(self) -> None:
+        # The request path failed (an upstream outage): read every covered account that is not complete again,
+        # and push what moved, once it answers; backing off while it does not.
+        if self._retry is not None:
+            return
+        delay = self._retry_delay
+        self._retry_delay = min(self._retry_delay * 2, RETRY_MAX)
+        self._retry = asyncio.get_running_loop().call_later(delay, self._retry_now)
+
+    def _retry_now(self) -> None:
+        self._retry = None
+        self._spawn(self._read_incomplete())
+
+    async def _read_incomplete(self) -> None:
+        by_principal: dict[str, tuple[Principal, set[str]]] = {}
+        for sub in self._subs.values():
+            wanted = [acc for acc in sub.key[0] if acc not in self._complete]
+            if wanted:
+                by_principal.setdefault(sub.principal.username, (sub.principal, set()))[1].update(wanted)
+        results = await asyncio.gather(*(self._read(p, sorted(accs), deliver=True)
+                                         for p, accs in by_principal.values()))
+        if all(results):
+            self._retry_delay = RETRY_MIN
+
+    def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
 
     # --- delivery ------------------------------------------------------------------------------------------
 
@@ -194,14 +350,21 @@ class Hub:
 
     def on_events(self, events: Sequence[StateChangeEvent]) -> None:
         """The bus handler: take events synchronously (never awaits)."""
+        watches = self._watches
         for event in events:
             self.stats.events += 1
             acc = self.account_id(event.username)
+            if watches:
+                for watch in watches:
+                    moved = watch.get(acc)
+                    if moved is not None:
+                        moved.update(event.typeStates)
             known = self._states.get(acc)
             if known is None:
-                if acc not in self._index:
-                    continue  # nobody here covers this account: nothing to remember
-                known = self._states[acc] = {}
+                # Nobody here covers this account (a delayed unbind): only the ledger may learn something.
+                if acc in self._ledger:
+                    self._remember(acc, event.typeStates)
+                continue
             known.update(event.typeStates)
             if self._coalesce:
                 self._window.setdefault(acc, {}).update(event.typeStates)
@@ -280,23 +443,24 @@ class Hub:
     # --- gaps ----------------------------------------------------------------------------------------------
 
     def on_gap(self) -> None:
-        """The bus may have lost events: re-read the current states and push whatever differs."""
-        asyncio.get_running_loop().create_task(self.resync())
+        """The bus may have lost events: nothing here is current any more. Re-read every covered account and
+        push whatever differs; states only the bus carries become uncertain (ledger)."""
+        for acc, live in self._states.items():
+            self._remember(acc, live)
+            for t in [t for t in live if t not in self._path_types]:
+                del live[t]
+        self._complete.clear()
+        self._spawn(self.resync())
 
     async def resync(self) -> None:
-        by_principal: dict[str, tuple[Principal, set[str]]] = {}
-        for sub in self._subs.values():
-            entry = by_principal.setdefault(sub.principal.username, (sub.principal, set()))
-            entry[1].update(sub.key[0])
-        for principal, accounts in by_principal.values():
-            try:
-                current = await self._states_source(principal, sorted(accounts))
-            except Exception:
-                log.exception("resync: could not read the current states of %s", principal.username)
-                continue
-            for acc, states in current.items():
-                known = self._states.setdefault(acc, {})
-                changed = {t: s for t, s in states.items() if known.get(t) != s}
-                if changed:
-                    known.update(changed)
-                    self.deliver(acc, changed)
+        await self._read_incomplete()
+
+    async def close(self) -> None:
+        """Stop retrying and reading (the gateway is stopping)."""
+        if self._retry is not None:
+            self._retry.cancel()
+            self._retry = None
+        pending = [*self._tasks, *self._reads.values()]
+        for task in pending:
+            task.cancel()
+        await asyncio.gather(*pending, return_exceptions=True)

@@ -4,6 +4,7 @@ Fake transports record writes; that is fine here (a unit test of pure logic)."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 from typing import Any
 
@@ -28,8 +29,13 @@ class FakeTransport:
 
 
 class FakeBus:
+    ready = True
+
     def __init__(self) -> None:
         self.subscribed: dict[str, int] = {}
+
+    async def wait_subscribed(self, usernames: Any) -> None:
+        return None
 
     def subscribe(self, u: str) -> None:
         self.subscribed[u] = self.subscribed.get(u, 0) + 1
@@ -105,3 +111,142 @@ async def test_resume_sends_exactly_the_difference_and_enables_reuse_known_state
     token = pushstate.encode({ACC: {"Email": "e4", "Mailbox": "m1"}})
     await hub.enable(resumed, BOB, None, token, lambda: True)
     assert json.loads(resumed.transport.frames[-1])["changed"] == {ACC: {"Email": "e5"}}
+
+
+class GatedStates(States):
+    """A request path whose reads wait for `release` (so a test can act while one is in flight)."""
+
+    def __init__(self, states: dict[str, dict[str, str]]) -> None:
+        super().__init__(states)
+        self.release = asyncio.Event()
+        self.started = asyncio.Event()
+        self.fail = False
+
+    async def __call__(self, principal: Any, accounts: Any) -> dict[str, dict[str, str]]:
+        self.calls += 1
+        self.started.set()
+        await self.release.wait()
+        if self.fail:
+            raise ConnectionError("upstream down")
+        return {a: dict(self.states.get(a, {})) for a in accounts}
+
+
+def changed(t: Any) -> list[dict[str, dict[str, str]]]:
+    return [json.loads(f)["changed"] for f in t.transport.frames]
+
+
+async def test_states_of_an_account_nobody_covers_are_not_trusted_on_resume() -> None:
+    hub, _, source = make({ACC: {"Email": "e1", "Mailbox": "m1"}})
+    first = target()
+    await hub.enable(first, BOB, None, None, lambda: True)
+    hub.on_events([new_event("bob", {"Email": "e2"})])
+    token = json.loads(first.transport.frames[-1])["pushState"]
+    hub.disable(first)  # nobody covers Bob now: the bus no longer tells this node what moves
+    source.states[ACC] = {"Email": "e3", "Mailbox": "m1"}  # changed while away
+    resumed = target()
+    await hub.enable(resumed, BOB, None, token, lambda: True)
+    assert source.calls == 2, "the request path answers for an account that was not covered"
+    assert changed(resumed) == [{ACC: {"Email": "e3"}}]
+
+
+async def test_a_resume_on_a_covered_complete_account_needs_no_read() -> None:
+    hub, _, source = make({ACC: {"Email": "e1"}})
+    keeper = target()
+    await hub.enable(keeper, BOB, frozenset(), None, lambda: True)
+    hub.on_events([new_event("bob", {"Email": "e2"})])
+    resumed = target()
+    await hub.enable(resumed, BOB, None, pushstate.encode({ACC: {"Email": "e1"}}), lambda: True)
+    assert source.calls == 1
+    assert changed(resumed) == [{ACC: {"Email": "e2"}}]
+
+
+async def test_events_during_a_read_win_over_its_answer() -> None:
+    source = GatedStates({ACC: {"Email": "e1", "Mailbox": "m1"}})
+    hub = Hub(FakeBus(), source, twin)  # type: ignore[arg-type]
+    t = target()
+    enabling = asyncio.ensure_future(hub.enable(t, BOB, None, pushstate.encode({ACC: {}}), lambda: True))
+    await source.started.wait()
+    hub.on_events([new_event("bob", {"Email": "e2"})])  # newer than what the read will say
+    source.release.set()
+    await enabling
+    assert changed(t)[0] == {ACC: {"Email": "e2"}}  # the live push
+    assert changed(t)[1] == {ACC: {"Email": "e2", "Mailbox": "m1"}}  # the resume: e2 was not undone by the read
+    assert json.loads(t.transport.frames[-1])["pushState"] == pushstate.encode({ACC: {"Email": "e2", "Mailbox": "m1"}})
+
+
+async def test_concurrent_enables_share_one_read() -> None:
+    source = GatedStates({ACC: {"Email": "e1"}})
+    hub = Hub(FakeBus(), source, twin)  # type: ignore[arg-type]
+    targets = [target() for _ in range(5)]
+    enables = [asyncio.ensure_future(hub.enable(t, BOB, None, None, lambda: True)) for t in targets]
+    await source.started.wait()
+    source.release.set()
+    await asyncio.gather(*enables)
+    assert source.calls == 1
+
+
+async def test_a_failed_read_is_retried_and_pushes_what_moved() -> None:
+    source = GatedStates({ACC: {"Email": "e1"}})
+    source.fail = True
+    source.release.set()
+    hub = Hub(FakeBus(), source, twin)  # type: ignore[arg-type]
+    hub._retry_delay = 0.01  # the back-off starts at a second; the test need not wait that long
+    t = target()
+    await hub.enable(t, BOB, None, pushstate.encode({ACC: {"Email": "e0"}}), lambda: True)
+    assert t.transport.frames == [], "nothing is known yet: nothing is claimed"
+    source.fail = False
+    for _ in range(200):
+        if t.transport.frames:
+            break
+        await asyncio.sleep(0.01)
+    assert changed(t) == [{ACC: {"Email": "e1"}}]
+    await hub.close()
+
+
+async def test_bus_only_types_resume_from_the_ledger_and_are_said_even_when_unchanged() -> None:
+    hub, _, _ = make({ACC: {"Email": "e1"}})
+    t = target()
+    await hub.enable(t, BOB, None, None, lambda: True)
+    hub.on_events([new_event("bob", {"Calendar": "c1"})])
+    token = json.loads(t.transport.frames[-1])["pushState"]
+    hub.disable(t)
+    resumed = target()
+    await hub.enable(resumed, BOB, None, token, lambda: True)
+    # Email is read and unchanged: not pushed; Calendar cannot be vouched for: its newest known state is said.
+    assert changed(resumed) == [{ACC: {"Calendar": "c1"}}]
+    hub.on_events([new_event("bob", {"Calendar": "c2"})])  # seen while bound again: trusted
+    newer = json.loads(resumed.transport.frames[-1])["pushState"]
+    again = target()
+    await hub.enable(again, BOB, None, newer, lambda: True)
+    assert again.transport.frames == []
+
+
+async def test_a_type_never_seen_here_is_not_claimed() -> None:
+    hub, _, _ = make({ACC: {"Email": "e1"}})
+    t = target()
+    await hub.enable(t, BOB, None, pushstate.encode({ACC: {"Email": "e1", "Calendar": "c9"}}), lambda: True)
+    assert t.transport.frames == []
+
+
+async def test_a_gap_makes_every_account_incomplete_and_bus_only_types_uncertain() -> None:
+    hub, _, source = make({ACC: {"Email": "e1"}})
+    t = target()
+    await hub.enable(t, BOB, None, None, lambda: True)
+    hub.on_events([new_event("bob", {"Calendar": "c1"})])
+    source.states[ACC] = {"Email": "e2"}  # moved while the bus was away
+    hub.on_gap()
+    await asyncio.gather(*hub._tasks)  # the resync it started
+    assert changed(t)[-1] == {ACC: {"Email": "e2"}}
+    token = pushstate.encode({ACC: {"Email": "e2", "Calendar": "c1"}})
+    resumed = target()
+    await hub.enable(resumed, BOB, None, token, lambda: True)
+    assert changed(resumed) == [{ACC: {"Calendar": "c1"}}]
+
+
+def test_the_ledger_is_bounded_oldest_first() -> None:
+    hub = Hub(FakeBus(), States({}), twin, ledger_accounts=2)  # type: ignore[arg-type]
+    for name in ("a", "b", "c"):
+        hub._remember(name, {"Calendar": name})
+    assert list(hub._ledger) == ["b", "c"]
+    hub._remember("b", {"Notes": "n"})
+    assert list(hub._ledger) == ["c", "b"] and hub._ledger["b"] == {"Calendar": "b", "Notes": "n"}
