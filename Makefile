@@ -27,6 +27,7 @@ test: native
 lint: $(STAMP)
 	$(VENV)/bin/ruff check gateway tests bench
 	$(VENV)/bin/mypy
+	$(VENV)/bin/lint-imports
 
 bench: native
 	$(PY) -m pytest -s -q bench --benchmark-only $(PYTEST_ARGS)

@@ -8,12 +8,14 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit
 
+from gateway.errors import GatewayError
 
-class ConfigError(ValueError):
+
+class ConfigError(GatewayError):
     """A setting has a value that is not allowed."""
 
     def __init__(self, name: str, value: str, allowed: str) -> None:
@@ -236,60 +238,60 @@ SPECS: tuple[Spec, ...] = (
 
 @dataclass(frozen=True)
 class Settings:
-    """The validated configuration of one gateway process."""
+    """The validated configuration of one gateway process. Its defaults live in SPECS only: `Settings.defaults()`
+    (or `load({})`) is a complete configuration, and `replace` derives others from it."""
 
-    host: str = "127.0.0.1"
-    port: int = 8080
-    public_url: str | None = None
-    log_level: str = "INFO"
-    require_native: bool = False
-    users: tuple[tuple[str, str], ...] = ()
-    jwt_secret: str | None = None
-    jwt_public_key: str | None = None
-    ticket_ttl: float = 60.0
-    ticket_secret: str | None = None
-    require_subprotocol: bool = True
-    max_size_request: int = 10_000_000
-    max_message_bytes: int = 0
-    max_calls_in_request: int = 32
-    max_concurrent_requests: int = 8
-    max_objects_in_get: int = 500
-    max_objects_in_set: int = 500
-    max_size_upload: int = 50_000_000
-    max_concurrent_upload: int = 4
-    deflate: bool = True
-    deflate_level: int = 6
-    deflate_min_bytes: int = 128
-    bus: str = "memory"
-    admin_token: str | None = None
-    max_connections_per_user: int = 64
-    ping_interval: float = 30.0
-    ping_timeout: float = 10.0
-    push_coalesce_ms: int = 0
-    slow_client_timeout: float = 30.0
-    slow_client_max_bytes: int = 4 * 1024 * 1024
-    write_high_water: int = 65536
-    socket_sndbuf: int = 0
-    shutdown_grace: float = 10.0
-    amqp_url: str | None = "amqp://guest:guest@127.0.0.1:5672"
-    amqp_exchange: str = "jmapEvent-exchange"
-    amqp_prefetch: int = 256
-    amqp_heartbeat: int = 30
-    amqp_connection_name: str = "jmap-push-gateway"
-    amqp_queue_type: str = "classic"
-    amqp_unbind_delay: float = 5.0
-    workers: int = 1
-    data_dir: str = "./data"
-    db: str = ""
-    smtp_host: str = "127.0.0.1"
-    smtp_port: int = 2525
-    upstream_url: str | None = None
-    auth_cache_ttl: float = 60.0
-    auth_recheck: float = 600.0
-    proxy_http: bool = False
-    upstream_timeout: float = 30.0
-    upstream_max_connections: int = 256
-    extra: dict[str, Any] = field(default_factory=dict)
+    host: str
+    port: int
+    public_url: str | None
+    log_level: str
+    require_native: bool
+    users: tuple[tuple[str, str], ...]
+    jwt_secret: str | None
+    jwt_public_key: str | None
+    ticket_ttl: float
+    ticket_secret: str | None
+    require_subprotocol: bool
+    max_size_request: int
+    max_message_bytes: int
+    max_calls_in_request: int
+    max_concurrent_requests: int
+    max_objects_in_get: int
+    max_objects_in_set: int
+    max_size_upload: int
+    max_concurrent_upload: int
+    deflate: bool
+    deflate_level: int
+    deflate_min_bytes: int
+    bus: str
+    admin_token: str | None
+    max_connections_per_user: int
+    ping_interval: float
+    ping_timeout: float
+    push_coalesce_ms: int
+    slow_client_timeout: float
+    slow_client_max_bytes: int
+    write_high_water: int
+    socket_sndbuf: int
+    shutdown_grace: float
+    amqp_url: str | None
+    amqp_exchange: str
+    amqp_prefetch: int
+    amqp_heartbeat: int
+    amqp_connection_name: str
+    amqp_queue_type: str
+    amqp_unbind_delay: float
+    workers: int
+    data_dir: str
+    db: str
+    smtp_host: str
+    smtp_port: int
+    upstream_url: str | None
+    auth_cache_ttl: float
+    auth_recheck: float
+    proxy_http: bool
+    upstream_timeout: float
+    upstream_max_connections: int
 
     @property
     def message_limit(self) -> int:
@@ -309,6 +311,11 @@ class Settings:
 
     def replace(self, **changes: Any) -> Settings:
         return dataclasses.replace(self, **changes)
+
+    @staticmethod
+    def defaults(**changes: Any) -> Settings:
+        """Every setting at its SPECS default, with `changes` (attribute names) applied."""
+        return load({}).replace(**changes)
 
 
 def load(env: Mapping[str, str]) -> Settings:

@@ -1,8 +1,9 @@
 """permessage-deflate (RFC 7692): parsing of `Sec-WebSocket-Extensions` offers, negotiation, and the errors of
 the compress/inflate framing.
 
-Pure logic, no I/O and no zlib: the framing itself lives in `gateway._deflate` (compiled) and its twin
+No I/O and no zlib here: the framing itself lives in `gateway._deflate` (compiled) and its twin
 `gateway._deflate_py`; both raise the `TooBig` and `Corrupt` defined here and validate with the helpers here.
+`Compression` holds the process's shared compressor and inflater built from one of them.
 """
 
 from __future__ import annotations
@@ -10,7 +11,7 @@ from __future__ import annotations
 import re
 from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 from gateway.errors import Close, ProtocolViolation
 
@@ -281,3 +282,30 @@ def _skip_element(s: str, i: int) -> int:
             return i + 1
         i += 1
     return i
+
+
+class Compression:
+    """The process's one compressor and one inflater (RFC 7692 with no context takeover both ways), shared by the
+    hub's fan-out and every connection's replies: a push is compressed once for all its recipients (DESIGN.md §3).
+
+    `impl` is gateway._deflate or its twin; messages under `min_bytes` go out plain (allowed per message, §6)."""
+
+    __slots__ = ("_compressor", "_inflater", "_max_size", "min_bytes")
+
+    def __init__(self, impl: Any, *, level: int, min_bytes: int, max_size: int) -> None:
+        self._compressor = impl.Compressor(level, MAX_WINDOW_BITS)
+        self._inflater = impl.Inflater(MAX_WINDOW_BITS)
+        self._max_size = max_size
+        self.min_bytes = min_bytes
+
+    def compress(self, payload: memoryview | bytes) -> bytes | None:
+        """The compressed bytes of one outgoing message, or None to send it plain (a small one)."""
+        if len(payload) < self.min_bytes:
+            return None
+        return bytes(self._compressor.compress(payload))
+
+    def inflate(self, payload: bytes) -> bytes:
+        """Inflate one message whose first frame had rsv1 (§7.2.2), within the message size limit; raises TooBig
+        or Corrupt (ProtocolViolation) otherwise."""
+        data: bytes = self._inflater.inflate(payload, self._max_size)
+        return data

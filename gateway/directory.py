@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 from collections.abc import Callable, Iterable
+from typing import Protocol
 
 import msgspec
 
@@ -48,6 +49,17 @@ class Principal(msgspec.Struct, gc=False):
 DelegationListener = Callable[[str, str, bool], None]
 
 
+class Delegations(Protocol):
+    """`/admin/delegations`: who may share whose account (RFC 9670). The embedded role's Directory keeps them;
+    in front mode sharing is the upstream's and both calls refuse (409)."""
+
+    def grant(self, owner: str, delegate: str) -> bool:
+        """Let `delegate` use `owner`'s account; False when it already could."""
+
+    def revoke(self, owner: str, delegate: str) -> bool:
+        """Take it back; False when there was nothing to take back."""
+
+
 class Directory:
     """Users with passwords (GATEWAY_USERS) and owner -> delegate grants."""
 
@@ -78,9 +90,6 @@ class Directory:
 
     def principal(self, username: str, expires_at: float | None = None) -> Principal:
         return Principal(username, self.accounts_for(username), expires_at)
-
-    def delegates_of(self, owner: str) -> set[str]:
-        return set(self._delegates.get(owner, ()))
 
     def add_listener(self, listener: DelegationListener) -> None:
         """`listener(owner, delegate, granted)` is called after every change of a grant."""

@@ -1,12 +1,15 @@
 """The gateway's one error hierarchy and the one place that maps errors to wire answers.
 
-Request-level errors become RFC 8887 `RequestError` objects on the socket or RFC 7807 problem bodies over HTTP;
-method-level errors become `["error", {...}, callId]` invocations (RFC 8620 §3.6.2); protocol violations on
-the socket become close codes (RFC 6455 §7.4.1).
+Code raises what went wrong (`RequestLevelError`, `Unauthorized`, `Unavailable`, ...); only the two functions at
+the end of this module decide what the peer sees: `problem_of` for HTTP (an RFC 7807 problem with its status and
+headers) and `request_error_of` for the socket (an RFC 8887 §4.3.4 `RequestError`). Method-level errors become
+`["error", {...}, callId]` invocations (RFC 8620 §3.6.2); protocol violations on the socket carry their close
+code (RFC 6455 §7.4.1). No I/O here.
 """
 
 from __future__ import annotations
 
+from http import HTTPStatus
 from typing import Any
 
 import msgspec
@@ -18,7 +21,10 @@ NOT_JSON = JMAP_ERROR + "notJSON"
 NOT_REQUEST = JMAP_ERROR + "notRequest"
 LIMIT = JMAP_ERROR + "limit"
 UNKNOWN_CAPABILITY = JMAP_ERROR + "unknownCapability"
+SERVER_FAIL = JMAP_ERROR + "serverFail"
 SERVER_UNAVAILABLE = JMAP_ERROR + "serverUnavailable"  # not in RFC 8620's list; used by James and others
+PROBLEM_CONTENT_TYPE = "application/problem+json"
+RETRY_AFTER = "5"  # seconds a client is asked to wait when something the gateway needs is away
 
 
 # RFC 6455 §7.4.1 close codes used by the gateway.
@@ -39,22 +45,17 @@ class GatewayError(Exception):
 
 
 class RequestLevelError(GatewayError):
-    """RFC 8620 §3.6.1: the whole request is refused (problem details with a JMAP error type)."""
+    """RFC 8620 §3.6.1: the whole request is refused (problem details with a JMAP error type). `request_id` is the
+    RFC 8887 request id the error answers, when it could be read."""
 
-    def __init__(self, type_uri: str, detail: str, status: int = 400, limit: str | None = None) -> None:
+    def __init__(self, type_uri: str, detail: str, status: int = 400, limit: str | None = None,
+                 request_id: str | None = None) -> None:
         super().__init__(detail)
         self.type_uri = type_uri
         self.detail = detail
         self.status = status
         self.limit = limit
-
-    def to_request_error(self, request_id: str | None) -> RequestError:
-        return RequestError(type=self.type_uri, status=self.status, detail=self.detail,
-                            requestId=request_id, limit=self.limit)
-
-    def to_problem(self) -> ProblemDetails:
-        return ProblemDetails(type=self.type_uri, status=self.status, title=_title(self.status),
-                              detail=self.detail, limit=self.limit)
+        self.request_id = request_id
 
 
 class MethodError(GatewayError):
@@ -84,28 +85,86 @@ class ProtocolViolation(GatewayError):
 
 
 class HTTPProblem(GatewayError):
-    """An HTTP error answer with an RFC 7807 body (401, 403, 404, 429, 503, ...)."""
+    """An HTTP error answer with an RFC 7807 body (400, 404, 409, 429, ...), and the form every other error takes
+    on its way to an HTTP peer (`problem_of`)."""
 
     def __init__(self, status: int, detail: str, *, type_uri: str = "about:blank",
-                 headers: dict[str, str] | None = None) -> None:
+                 headers: dict[str, str] | None = None, limit: str | None = None) -> None:
         super().__init__(detail)
         self.status = status
         self.detail = detail
         self.type_uri = type_uri
         self.headers = headers or {}
+        self.limit = limit
 
     def body(self) -> bytes:
-        return msgspec.json.encode(
-            ProblemDetails(type=self.type_uri, status=self.status, title=_title(self.status), detail=self.detail))
+        return msgspec.json.encode(ProblemDetails(type=self.type_uri, status=self.status, title=title(self.status),
+                                                  detail=self.detail, limit=self.limit))
 
 
-def _title(status: int) -> str:
-    from http import HTTPStatus
+class Unauthorized(GatewayError):
+    """The credentials are missing or not valid (401); `challenge` is the WWW-Authenticate to answer with."""
 
+    def __init__(self, detail: str, challenge: str | None = None) -> None:
+        super().__init__(detail)
+        self.detail = detail
+        self.challenge = challenge
+
+
+class Forbidden(GatewayError):
+    """The credentials are valid but may not do this (403)."""
+
+
+class Unavailable(GatewayError):
+    """Something the gateway needs (the upstream server, the broker) cannot answer now: 503, try again later."""
+
+
+def title(status: int) -> str:
     try:
         return HTTPStatus(status).phrase
     except ValueError:
         return "Error"
 
 
-PROBLEM_CONTENT_TYPE = "application/problem+json"
+# --- the one mapper ------------------------------------------------------------------------------------------
+
+def problem_of(exc: BaseException) -> HTTPProblem:
+    """What an HTTP peer is answered for `exc` (anything not raised on purpose is a 500)."""
+    if isinstance(exc, HTTPProblem):
+        return exc
+    if isinstance(exc, RequestLevelError):
+        return HTTPProblem(exc.status, exc.detail, type_uri=exc.type_uri, limit=exc.limit)
+    if isinstance(exc, Unauthorized):
+        return HTTPProblem(401, exc.detail, headers={"WWW-Authenticate": exc.challenge} if exc.challenge else None)
+    if isinstance(exc, Forbidden):
+        return HTTPProblem(403, str(exc))
+    if isinstance(exc, Unavailable):
+        # Never a 401 for an outage: clients retry instead of asking their user for a password.
+        return HTTPProblem(503, str(exc), headers={"Retry-After": RETRY_AFTER})
+    return HTTPProblem(500, "Internal server error.")
+
+
+def request_error_of(exc: BaseException, request_id: str | None) -> RequestError:
+    """What a socket peer is answered for a request that ended with `exc` (RFC 8887 §4.3.4)."""
+    if isinstance(exc, RequestLevelError):
+        return RequestError(type=exc.type_uri, status=exc.status, detail=exc.detail, requestId=request_id,
+                            limit=exc.limit)
+    if isinstance(exc, Unavailable):
+        return RequestError(type=SERVER_UNAVAILABLE, status=503, detail=str(exc), requestId=request_id)
+    if isinstance(exc, Unauthorized | Forbidden | HTTPProblem):
+        problem = problem_of(exc)
+        return RequestError(type=problem.type_uri, status=problem.status, detail=problem.detail,
+                            requestId=request_id)
+    return RequestError(type=SERVER_FAIL, status=500, detail="The server failed to process the request.",
+                        requestId=request_id)
+
+
+def problem_response(exc: BaseException) -> bytes:
+    """A complete HTTP/1.1 error response for `exc`, for the few places that write to a raw transport (refused
+    upgrades); the connection is closed after it."""
+    problem = problem_of(exc)
+    body = problem.body()
+    lines = [f"HTTP/1.1 {problem.status} {title(problem.status)}", f"Content-Type: {PROBLEM_CONTENT_TYPE}",
+             f"Content-Length: {len(body)}", "Connection: close"]
+    lines += [f"{k}: {v}" for k, v in problem.headers.items()]
+    return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + body

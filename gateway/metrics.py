@@ -6,7 +6,7 @@ collector, so a fan-out to 10,000 sockets costs no Prometheus call per recipient
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
@@ -51,16 +51,18 @@ class Metrics:
     def message_out(self, kind: str) -> None:
         self.messages_out.labels(kind).inc()
 
-    def request_error_sent(self, payload: bytes) -> None:
-        # The type sits at a fixed place in our own encoding: {"@type":"RequestError","type":"<uri>",...}
-        start = payload.find(b'"type":"')
-        end = payload.find(b'"', start + 8)
-        kind = payload[start + 8:end].decode("ascii", "replace").rsplit(":", 1)[-1] if start >= 0 else "unknown"
-        self.request_errors.labels(kind).inc()
+    def reply_sent(self, error: str | None) -> None:
+        """A Response (error None) or a RequestError of type `error` went out on a socket."""
+        if error is None:
+            self.messages_out.labels("Response").inc()
+            return
+        self.request_errors.labels(error.rsplit(":", 1)[-1]).inc()
         self.messages_out.labels("RequestError").inc()
 
     def close(self, code: int) -> None:
         self.closes.labels(str(code)).inc()
+        if code == 1013:  # RFC 6455 §7.4.1 try again later: only ever sent to a client that does not read
+            self.slow_closes.inc()
 
     def render(self) -> bytes:
         return bytes(generate_latest(self.registry))
@@ -68,6 +70,12 @@ class Metrics:
 
 def counter(name: str, doc: str, value: float) -> CounterMetricFamily:
     return CounterMetricFamily(name, doc, value=value)
+
+
+def counters(prefix: str, rows: Iterable[tuple[str, str, float]]) -> Iterator[Metric]:
+    """Counter families from (name, help, value) rows, as the bus and request-path ports report them."""
+    for name, doc, value in rows:
+        yield counter(prefix + name, doc, value)
 
 
 def gauge(name: str, doc: str, value: float, labels: dict[str, str] | None = None) -> GaugeMetricFamily:

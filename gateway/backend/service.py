@@ -15,48 +15,51 @@ import asyncio
 import hashlib
 import logging
 import time
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import AsyncIterable, Awaitable, Callable, Collection, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
 
 from gateway.backend import mime
+from gateway.backend.delivery import MAX_SIZE_ATTACHMENTS, UnknownRecipient, resolve_recipient
 from gateway.backend.methods import METHODS
 from gateway.backend.methods.common import Context, Limits
 from gateway.backend.methods.email import read_blob
 from gateway.backend.methods.mailbox import MAX_DEPTH, MAX_NAME_OCTETS
 from gateway.backend.methods.query import SORT_OPTIONS
 from gateway.backend.refs import resolve_arguments
+from gateway.backend.smtp import SmtpListener
 from gateway.backend.store import TYPES, Store
 from gateway.bus.events import StateChangeEvent, new_event
 from gateway.config import Settings
 from gateway.directory import Account, Directory, Principal, account_id_for
-from gateway.errors import GatewayError, MethodError
-from gateway.jmap.types import MAIL, SUBMISSION, VACATION, ApiRequest, ApiResponse, Invocation
+from gateway.errors import HTTPProblem, MethodError
+from gateway.jmap.types import CORE, MAIL, SUBMISSION, VACATION, WEBSOCKET, ApiRequest, ApiResponse, Invocation
+from gateway.upstream.base import Blob, Counters, SessionContext, local_session
 
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 Publish = Callable[[Sequence[StateChangeEvent]], Awaitable[None]]
 
-MAX_SIZE_ATTACHMENTS = 32 * 1024 * 1024  # RFC 8621 §1.3.1 maxSizeAttachmentsPerEmail (aiosmtpd's size limit)
 # Deliveries written per transaction at most: amortises the fsync, yet a JMAP request queued on the store
 # thread waits behind one batch (~2 ms of CPU per message) at worst.
 MAX_DELIVERY_BATCH = 32
 
 
-class UnknownRecipient(GatewayError):
-    """`deliver` was given an address that is no user of the directory."""
-
-
-def resolve_recipient(directory: Directory, address: str) -> str | None:
-    """The directory username an envelope address delivers to (exact, else case-insensitively), or None."""
-    if directory.exists(address):
-        return address
-    folded = address.casefold()
-    for username in directory.usernames():
-        if username.casefold() == folded:
-            return username
-    return None
+CAPABILITIES = frozenset({CORE, WEBSOCKET, MAIL, SUBMISSION, VACATION})
+ACCOUNT_CAPABILITIES: dict[str, dict[str, Any]] = {
+    MAIL: {
+        "maxMailboxesPerEmail": None,
+        "maxMailboxDepth": MAX_DEPTH,
+        "maxSizeMailboxName": MAX_NAME_OCTETS,
+        "maxSizeAttachmentsPerEmail": MAX_SIZE_ATTACHMENTS,
+        "emailQuerySortOptions": list(SORT_OPTIONS),
+        "mayCreateTopLevelMailbox": True,
+    },
+    # RFC 8621 §1.3.2: EmailSubmission is not offered, so nothing can be delayed.
+    SUBMISSION: {"maxDelayedSend": 0, "submissionExtensions": {}},
+    VACATION: {},
+}
 
 
 def run_request(ctx: Context, request: ApiRequest) -> list[Invocation]:
@@ -103,39 +106,39 @@ class EmbeddedBackend:
         self._pending: list[tuple[list[str], bytes, asyncio.Future[dict[str, str]]]] = []
         self._flusher: asyncio.Task[None] | None = None
         self._tasks: set[asyncio.Task[Any]] = set()
+        self._smtp: SmtpListener | None = None
 
     # --- the RequestPath port ---
 
-    @property
-    def capabilities(self) -> Mapping[str, Mapping[str, Any]]:
-        # RFC 8621 §1.3.1-§1.3.3: the session-level values of these capabilities are empty objects.
-        return {MAIL: {}, SUBMISSION: {}, VACATION: {}}
+    def capabilities_for(self, principal: Principal) -> Collection[str]:
+        return CAPABILITIES
 
-    def account_capabilities(self, account: Account) -> Mapping[str, Mapping[str, Any]]:
-        return {
-            MAIL: {
-                "maxMailboxesPerEmail": None,
-                "maxMailboxDepth": MAX_DEPTH,
-                "maxSizeMailboxName": MAX_NAME_OCTETS,
-                "maxSizeAttachmentsPerEmail": MAX_SIZE_ATTACHMENTS,
-                "emailQuerySortOptions": list(SORT_OPTIONS),
-                "mayCreateTopLevelMailbox": True,
-            },
-            # RFC 8621 §1.3.2: EmailSubmission is not offered, so nothing can be delayed.
-            SUBMISSION: {"maxDelayedSend": 0, "submissionExtensions": {}},
-            VACATION: {},
-        }
+    def session_resource(self, principal: Principal, ctx: SessionContext) -> dict[str, Any]:
+        # RFC 8621 §1.3.1-§1.3.3: the session-level values of these capabilities are empty objects.
+        return local_session(principal, ctx, {MAIL: {}, SUBMISSION: {}, VACATION: {}}, ACCOUNT_CAPABILITIES,
+                             self.session_state(principal))
 
     def session_state(self, principal: Principal) -> str:
         # RFC 8620 §2: changes exactly when what the Session object says changes, i.e. the account list.
         return hashlib.sha256("\n".join(principal.account_ids).encode()).hexdigest()[:16]
 
+    def counters(self) -> Counters:
+        return []
+
     async def start(self) -> None:
         if self._executor is None:
             self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="jmap-store")
             await self._run(self._store.open)
+        s = self._settings
+        if s.smtp_port and self._smtp is None:
+            # Mail arrives here (RFC 5321 final delivery) only in this role: the SMTP door is the backend's.
+            self._smtp = SmtpListener(self, self._directory, s.smtp_host, s.smtp_port)
+            await self._smtp.start()
 
     async def stop(self) -> None:
+        if self._smtp is not None:
+            await self._smtp.stop()
+            self._smtp = None
         if self._executor is None:
             return
         while self._flusher is not None:
@@ -161,9 +164,20 @@ class EmbeddedBackend:
         accounts = [a for a in principal.accounts if a.id in set(account_ids)]
         return await self._run(self._states_sync, accounts)
 
-    # --- beyond the port ---
+    async def download(self, principal: Principal, account_id: str, blob_id: str, name: str,
+                       content_type: str) -> Blob:
+        data = await self.blob(principal, account_id, blob_id)
+        if data is None:
+            raise HTTPProblem(404, "No such blob in this account.")
+        return Blob.of(200, {"Content-Type": content_type or "message/rfc822"}, data)
 
-    async def download(self, principal: Principal, account_id: str, blob_id: str) -> bytes | None:
+    async def upload(self, principal: Principal, account_id: str, content_type: str,
+                     body: AsyncIterable[bytes]) -> Blob:
+        raise HTTPProblem(501, "Uploads (RFC 8620 §6.1) are not implemented by the embedded backend yet.")
+
+    # --- beyond the port: blobs as bytes, delivery (the SMTP listener, tools) ---
+
+    async def blob(self, principal: Principal, account_id: str, blob_id: str) -> bytes | None:
         """A blob's bytes (the raw RFC 5322 message, or one decoded part), None if absent or not allowed."""
         if not principal.may_use(account_id):
             return None

@@ -16,7 +16,7 @@ from typing import Any
 
 from aiosmtpd.smtp import SMTP
 
-from gateway.backend.service import MAX_SIZE_ATTACHMENTS, EmbeddedBackend, UnknownRecipient, resolve_recipient
+from gateway.backend.delivery import MAX_SIZE_ATTACHMENTS, Deliver, UnknownRecipient, resolve_recipient
 from gateway.directory import Directory
 
 log = logging.getLogger(__name__)
@@ -25,7 +25,7 @@ log = logging.getLogger(__name__)
 class _Handler:
     """aiosmtpd handler hooks: RCPT checks the directory, DATA delivers durably."""
 
-    def __init__(self, backend: EmbeddedBackend, directory: Directory, hostname: str) -> None:
+    def __init__(self, backend: Deliver, directory: Directory, hostname: str) -> None:
         self._backend = backend
         self._directory = directory
         self._hostname = hostname
@@ -75,7 +75,7 @@ class _Session(SMTP):
 class SmtpListener:
     """Serves SMTP on (host, port); port 0 binds a free port, read back from `port` after start()."""
 
-    def __init__(self, backend: EmbeddedBackend, directory: Directory, host: str, port: int) -> None:
+    def __init__(self, backend: Deliver, directory: Directory, host: str, port: int) -> None:
         self._host = host
         self._requested_port = port
         self._hostname = socket.gethostname()  # not getfqdn(): that can block on DNS

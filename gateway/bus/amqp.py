@@ -56,7 +56,7 @@ from yarl import URL
 from gateway.bus.base import EventHandler, GapHandler
 from gateway.bus.events import EventDecodeError, StateChangeEvent, decode_events, encode_events
 from gateway.config import Settings
-from gateway.errors import GatewayError
+from gateway.errors import Unavailable
 
 log = logging.getLogger(__name__)
 
@@ -72,7 +72,7 @@ _MAX_ROUTING_KEY_BYTES = 255
 _BATCH = 500
 
 
-class BusUnavailableError(GatewayError):
+class BusUnavailableError(Unavailable):
     """The broker cannot be reached: at start (after a bounded wait), or for a publish while disconnected."""
 
 
@@ -296,16 +296,20 @@ class AmqpBus:
             raise BusUnavailableError(f"publishing to RabbitMQ failed: {exc!r}") from exc
         self.published_events += len(events)
 
-    # --- extras for the composition root and tests --------------------------------------------------------
+    def counters(self) -> list[tuple[str, str, float]]:
+        return [
+            ("received_events", "Events taken from this node's queue", self.received_events),
+            ("poison_messages", "Messages rejected as not StateChangeEvents", self.poison_messages),
+            ("published_events", "Events published to the exchange", self.published_events),
+            ("reconnects", "Connections to RabbitMQ restored", self.reconnects),
+            ("bound_usernames", "Usernames bound to this node's queue", len(self._bound)),
+        ]
+
+    # --- extras for tests --------------------------------------------------------------------------------
 
     def bound_usernames(self) -> set[str]:
         """Usernames whose binding the broker has confirmed (empty while disconnected)."""
         return set(self._bound)
-
-    @property
-    def bound_count(self) -> int:
-        """len(bound_usernames()) without the copy (a metrics gauge)."""
-        return len(self._bound)
 
     async def wait_bound(self, username: str) -> None:
         """Return once `username`'s binding is confirmed (wrap in asyncio.timeout to bound the wait)."""

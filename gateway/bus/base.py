@@ -14,7 +14,8 @@ Contract (every adapter documents how it meets it):
 - `publish(events)` returns once the bus has accepted them (for RabbitMQ: publisher confirms). Every subscriber of
   a username on every node receives each published event exactly once while connected.
 - `wait_subscribed(usernames)` returns once events of those (subscribed) usernames reach this node.
-- `ready` is False while the bus cannot deliver (e.g. the broker is away); `/readyz` reports it.
+- `ready` is False while the bus cannot deliver (e.g. the broker is away); `/readyz` reports it. A publish that
+  cannot be accepted raises an `Unavailable` error (HTTP 503 for an injector).
 """
 
 from __future__ import annotations
@@ -53,3 +54,6 @@ class Bus(Protocol):
 
     async def publish(self, events: Sequence[StateChangeEvent]) -> None:
         """Publish events to every node subscribed to their usernames."""
+
+    def counters(self) -> list[tuple[str, str, float]]:
+        """(name, help, value) of the adapter's counters, exported as `gateway_bus_<name>` at scrape time."""

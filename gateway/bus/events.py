@@ -14,6 +14,8 @@ from typing import Any
 
 import msgspec
 
+from gateway.errors import GatewayError
+
 STATE_CHANGE_EVENT = "org.apache.james.jmap.change.StateChangeEvent"
 
 _LEGACY_FIELDS = {
@@ -33,7 +35,7 @@ class StateChangeEvent(msgspec.Struct, frozen=True, gc=False):
     type: str = STATE_CHANGE_EVENT
 
 
-class EventDecodeError(ValueError):
+class EventDecodeError(GatewayError):
     """The body is not a StateChangeEvent or an array of them (a poison message)."""
 
 
@@ -74,11 +76,6 @@ def decode_events(body: bytes | bytearray | memoryview) -> list[StateChangeEvent
         raise EventDecodeError(str(exc)) from None
     items = decoded if isinstance(decoded, list) else [decoded]
     return [_from_wire(w) for w in items]
-
-
-def encode_event(event: StateChangeEvent) -> bytes:
-    """The body James writes for one event (always with `typeStates`)."""
-    return _encoder.encode(event)
 
 
 def encode_events(events: list[StateChangeEvent]) -> bytes:

@@ -16,6 +16,7 @@ class MemoryBus:
     def __init__(self) -> None:
         self._handler: EventHandler | None = None
         self._subscribed: set[str] = set()
+        self.published_events = 0
 
     @property
     def ready(self) -> bool:
@@ -43,6 +44,10 @@ class MemoryBus:
         handler = self._handler
         if handler is None:
             return
+        self.published_events += len(events)
         wanted = [e for e in events if e.username in self._subscribed]
         if wanted:
             handler(wanted)
+
+    def counters(self) -> list[tuple[str, str, float]]:
+        return [("published_events", "Events published on the bus", self.published_events)]

@@ -54,16 +54,6 @@ def decode_api_request(data: bytes) -> ApiRequest:
         raise RequestLevelError(NOT_JSON, "The request body is not valid JSON.") from None
 
 
-class _NotRequest(RequestLevelError):
-    def __init__(self, detail: str, request_id: str | None) -> None:
-        super().__init__(NOT_REQUEST, detail)
-        self.request_id = request_id
-
-
-def _not_request(reason: str, request_id: str | None) -> _NotRequest:
-    return _NotRequest(f"The message is not a valid JMAP WebSocket message: {reason}.", request_id)
-
-
-def request_id_of(error: RequestLevelError) -> str | None:
-    """The request id an error refers to, when it could be read."""
-    return getattr(error, "request_id", None)
+def _not_request(reason: str, request_id: str | None) -> RequestLevelError:
+    return RequestLevelError(NOT_REQUEST, f"The message is not a valid JMAP WebSocket message: {reason}.",
+                             request_id=request_id)

@@ -14,14 +14,13 @@ import signal
 import sys
 
 import uvloop
-from picows import WSMsgType
 
 from gateway.app import Gateway
 from gateway.cli import configure_logging
-from gateway.config import ConfigError, load
-from gateway.directory import Principal
+from gateway.config import ConfigError, Settings, load
+from gateway.directory import Directory, Principal
+from gateway.session import EchoSession
 from gateway.transport.front import RequestHead
-from gateway.transport.ws import Connection
 from gateway.upstream.core import CoreOnly
 
 _DEFAULTS = {
@@ -32,40 +31,28 @@ _DEFAULTS = {
     "GATEWAY_PING_INTERVAL": "0",
     "GATEWAY_SMTP_PORT": "0",
 }
+_ECHO = Directory(()).principal("echo")
 
 
-class EchoConnection(Connection):
-    __slots__ = ()
-
-    def on_message(self, opcode: int, payload: bytes) -> None:
-        transport = self.transport
-        if transport is None or self.closing:
-            return
-        if self.target.deflate:
-            deflated = self.gw._compress(memoryview(payload))
-            if deflated is not None:
-                transport.send(WSMsgType(opcode), deflated, True, True)
-                return
-        transport.send(WSMsgType(opcode), payload)
+async def _anyone(head: RequestHead) -> Principal:
+    return _ECHO  # no authentication: conformance suites send none
 
 
-class EchoGateway(Gateway):
-    connection_class = EchoConnection
-
-    async def _authenticate_upgrade(self, head: RequestHead) -> Principal:
-        return self.directory.principal("echo")
+def echo_gateway(settings: Settings) -> Gateway:
+    """A gateway whose sessions echo every message, with no authentication and no JMAP."""
+    return Gateway(settings, request_path=CoreOnly(), session_class=EchoSession, upgrade_auth=_anyone)
 
 
 async def serve() -> None:
     settings = load({**_DEFAULTS, **os.environ})
     configure_logging(settings.log_level)
-    gateway = EchoGateway(settings, request_path=CoreOnly())
+    gateway = echo_gateway(settings)
     await gateway.start()
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    print(f"echo server listening on ws://{settings.host}:{gateway.port}/", flush=True)
+    print(f"echo server listening on ws://{settings.host}:{gateway.port}/jmap/ws", flush=True)
     await stop.wait()
     await gateway.stop(grace=1)
 

@@ -3,7 +3,7 @@
 A WebSocket upgrade of `/jmap/ws` is authenticated here (asynchronously, which picows' synchronous upgrade hook
 cannot do), then the connection is given to a picows `WSProtocol` that replays the head and completes the
 handshake. Every other request goes to the aiohttp server protocol. Refusals of an upgrade (400/401/429/503) are
-written here as RFC 7807 problem responses before any WebSocket frame.
+written here as RFC 7807 problem responses (gateway.errors.problem_response) before any WebSocket frame.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
-from gateway.errors import PROBLEM_CONTENT_TYPE, HTTPProblem
+from gateway.errors import GatewayError, HTTPProblem, problem_response
 
 log = logging.getLogger(__name__)
 
@@ -66,20 +66,6 @@ class RequestHead:
 
 UpgradeHandler = Callable[[RequestHead, asyncio.Transport, bytes], Awaitable[None]]
 HttpFactory = Callable[[], asyncio.Protocol]
-
-
-def problem_response(problem: HTTPProblem) -> bytes:
-    body = problem.body()
-    from http import HTTPStatus
-
-    try:
-        phrase = HTTPStatus(problem.status).phrase
-    except ValueError:
-        phrase = "Error"
-    lines = [f"HTTP/1.1 {problem.status} {phrase}", f"Content-Type: {PROBLEM_CONTENT_TYPE}",
-             f"Content-Length: {len(body)}", "Connection: close"]
-    lines += [f"{k}: {v}" for k, v in problem.headers.items()]
-    return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + body
 
 
 class FrontProtocol(asyncio.Protocol):
@@ -146,15 +132,15 @@ class FrontProtocol(asyncio.Protocol):
             self._buffer = bytearray()
             self._transport = None
             return
-        except HTTPProblem as problem:
-            self._refuse(problem)
-        except Exception:
+        except GatewayError as exc:
+            self._refuse(exc)
+        except Exception as exc:
             log.exception("WebSocket upgrade failed")
-            self._refuse(HTTPProblem(500, "The upgrade failed on the server."))
+            self._refuse(exc)
 
-    def _refuse(self, problem: HTTPProblem) -> None:
+    def _refuse(self, error: BaseException) -> None:
         transport = self._transport
         if transport is None or transport.is_closing():
             return
-        transport.write(problem_response(problem))
+        transport.write(problem_response(error))
         transport.close()

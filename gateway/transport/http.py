@@ -1,80 +1,109 @@
-"""The HTTP surface on aiohttp: session resource, API, tickets, health, metrics, admin, downloads.
+"""The HTTP surface on aiohttp: session resource, API, tickets, health, metrics, admin, blobs.
 
-Every error answer is an RFC 7807 problem body, produced in one middleware from the error hierarchy.
+Handlers depend on the ports in `HttpServices` (authentication, the request path, the bus, delegations), never on
+the composition root. Every error answer is an RFC 7807 problem body, produced in one middleware by the error
+mapper of gateway.errors.
 """
 
 from __future__ import annotations
 
+import hmac
 import logging
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
 
 import msgspec
 from aiohttp import web
 
+from gateway.admission import UserLimiter, check_request
+from gateway.auth import Authenticator
+from gateway.bus.base import Bus
 from gateway.bus.events import EventDecodeError, decode_events
-from gateway.directory import Principal
-from gateway.errors import LIMIT, PROBLEM_CONTENT_TYPE, GatewayError, HTTPProblem, RequestLevelError
+from gateway.config import Settings
+from gateway.directory import Delegations, Principal
+from gateway.errors import LIMIT, PROBLEM_CONTENT_TYPE, GatewayError, HTTPProblem, RequestLevelError, problem_of
 from gateway.jmap.codec import decode_api_request
 from gateway.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
-from gateway.upstream.base import check_request
-
-if TYPE_CHECKING:
-    from gateway.app import Gateway
+from gateway.metrics import Metrics
+from gateway.upstream.base import RequestPath, SessionContext
 
 log = logging.getLogger(__name__)
 _json = msgspec.json.Encoder()
 
-GATEWAY_KEY: web.AppKey[Gateway] = web.AppKey("gateway")
+
+@dataclass(frozen=True, slots=True)
+class HttpServices:
+    """What the HTTP handlers use."""
+
+    settings: Settings
+    auth: Authenticator
+    request_path: RequestPath
+    limiter: UserLimiter  # maxConcurrentRequests per user for /jmap/api (a socket counts its own)
+    bus: Bus
+    delegations: Delegations
+    metrics: Metrics
+    readiness: Callable[[], dict[str, bool]]
+    context: Callable[[], SessionContext]  # the URLs are known once the port is bound
 
 
-def _problem(status: int, body: bytes, headers: dict[str, str] | None = None) -> web.Response:
-    return web.Response(status=status, body=body, content_type=PROBLEM_CONTENT_TYPE, headers=headers)
+SERVICES: web.AppKey[HttpServices] = web.AppKey("services")
+
+
+def _problem_response(problem: HTTPProblem) -> web.Response:
+    return web.Response(status=problem.status, body=problem.body(), content_type=PROBLEM_CONTENT_TYPE,
+                        headers=problem.headers)
 
 
 @web.middleware
 async def problems(request: web.Request, handler: Any) -> web.StreamResponse:
-    gw = request.app[GATEWAY_KEY]
+    services = request.app[SERVICES]
     route = request.match_info.route.resource.canonical if request.match_info.route.resource else "unmatched"
     try:
         response: web.StreamResponse = await handler(request)
-    except HTTPProblem as exc:
-        response = _problem(exc.status, exc.body(), exc.headers)
-    except RequestLevelError as exc:
-        response = _problem(exc.status, _json.encode(exc.to_problem()))
+    except GatewayError as exc:
+        response = _problem_response(problem_of(exc))
     except web.HTTPException as exc:
         if exc.status < 400:
             raise  # redirects keep their Location
-        response = _problem(exc.status, HTTPProblem(exc.status, exc.reason).body(),
-                            {k: v for k, v in exc.headers.items() if k.lower() == "allow"})
-    except Exception:
+        allow = {k: v for k, v in exc.headers.items() if k.lower() == "allow"}
+        response = _problem_response(HTTPProblem(exc.status, exc.reason, headers=allow))
+    except Exception as exc:
         log.exception("unhandled error on %s %s", request.method, request.path)
-        response = _problem(500, HTTPProblem(500, "Internal server error.").body())
-    gw.metrics.http_requests.labels(route, str(response.status)).inc()
+        response = _problem_response(problem_of(exc))
+    services.metrics.http_requests.labels(route, str(response.status)).inc()
     return response
 
 
-async def _principal(request: web.Request) -> Principal:
-    gw = request.app[GATEWAY_KEY]
-    return await gw.authenticate(request.headers.get("Authorization"))
+async def _principal(request: web.Request, *, fresh: bool = False) -> Principal:
+    return await request.app[SERVICES].auth.authenticate(request.headers.get("Authorization"), fresh=fresh)
 
 
-def _admin(request: web.Request) -> None:
-    token = request.app[GATEWAY_KEY].settings.admin_token
+def _admin(request: web.Request) -> HttpServices:
+    services = request.app[SERVICES]
+    token = services.settings.admin_token
     if token is None:
         raise HTTPProblem(404, "The admin API is disabled (GATEWAY_ADMIN_TOKEN is unset).")
-    header = request.headers.get("Authorization", "")
-    scheme, _, value = header.partition(" ")
+    scheme, _, value = request.headers.get("Authorization", "").partition(" ")
     if scheme.lower() != "bearer" or not value:
         raise HTTPProblem(401, "The admin API needs a Bearer token.",
                           headers={"WWW-Authenticate": 'Bearer realm="admin"'})
-    import hmac
-
     if not hmac.compare_digest(value.strip().encode(), token.encode()):
         raise HTTPProblem(403, "The admin token is not valid.")
+    return services
 
 
 def _json_response(obj: Any, status: int = 200) -> web.Response:
     return web.Response(status=status, body=_json.encode(obj), content_type="application/json")
+
+
+async def _body(request: web.Request, limit: int, too_big: GatewayError) -> bytes:
+    if request.content_length is not None and request.content_length > limit:
+        raise too_big
+    body = await request.content.read(limit + 1)
+    if len(body) > limit:
+        raise too_big
+    return body
 
 
 async def well_known(request: web.Request) -> web.Response:
@@ -83,33 +112,29 @@ async def well_known(request: web.Request) -> web.Response:
 
 
 async def session(request: web.Request) -> web.Response:
-    gw = request.app[GATEWAY_KEY]
+    services = request.app[SERVICES]
     # RFC 8620 §2: a client refetches the session when a response's sessionState differs from the one it holds,
-    # so in front mode this answer is never the cached one (which would be just as stale).
-    principal = await gw.authenticate(request.headers.get("Authorization"), fresh=gw.front is not None)
-    return _json_response(gw.session_resource(principal))
+    # so this answer is never one validated earlier (front mode would have a cached, just as stale, one).
+    principal = await _principal(request, fresh=True)
+    return _json_response(services.request_path.session_resource(principal, services.context()))
 
 
 async def api(request: web.Request) -> web.Response:
-    gw = request.app[GATEWAY_KEY]
+    services = request.app[SERVICES]
     principal = await _principal(request)
-    limit = gw.settings.max_size_request
-    if request.content_length is not None and request.content_length > limit:
-        raise RequestLevelError(LIMIT, f"The request is larger than maxSizeRequest ({limit} bytes).",
-                                limit="maxSizeRequest")
-    body = await request.content.read(limit + 1)
-    if len(body) > limit:
-        raise RequestLevelError(LIMIT, f"The request is larger than maxSizeRequest ({limit} bytes).",
-                                limit="maxSizeRequest")
+    limit = services.settings.max_size_request
+    body = await _body(request, limit, RequestLevelError(
+        LIMIT, f"The request is larger than maxSizeRequest ({limit} bytes).", limit="maxSizeRequest"))
     api_request = decode_api_request(body)
-    check_request(api_request, gw.supported_capabilities, gw.settings.max_calls_in_request)
-    response = await gw.request_path.call(principal, api_request)
+    path = services.request_path
+    check_request(api_request, path.capabilities_for(principal), services.settings.max_calls_in_request)
+    with services.limiter.hold(principal.username):
+        response = await path.call(principal, api_request)
     return _json_response(response)
 
 
 async def ticket(request: web.Request) -> web.Response:
-    gw = request.app[GATEWAY_KEY]
-    value, valid_until = gw.auth.issue_ticket(await _principal(request))
+    value, valid_until = request.app[SERVICES].auth.issue_ticket(await _principal(request))
     return _json_response({"value": value, "validUntil": valid_until}, status=201)
 
 
@@ -123,8 +148,7 @@ async def healthz(request: web.Request) -> web.Response:
 
 
 async def readyz(request: web.Request) -> web.Response:
-    gw = request.app[GATEWAY_KEY]
-    checks = gw.readiness()
+    checks = request.app[SERVICES].readiness()
     if all(checks.values()):
         return _json_response({"status": "ready", "checks": checks})
     failing = ", ".join(k for k, ok in checks.items() if not ok)
@@ -132,67 +156,67 @@ async def readyz(request: web.Request) -> web.Response:
 
 
 async def metrics(request: web.Request) -> web.Response:
-    gw = request.app[GATEWAY_KEY]
-    return web.Response(body=gw.metrics.render(), headers={"Content-Type": METRICS_CONTENT_TYPE})
+    return web.Response(body=request.app[SERVICES].metrics.render(), headers={"Content-Type": METRICS_CONTENT_TYPE})
 
 
 async def admin_events(request: web.Request) -> web.Response:
-    gw = request.app[GATEWAY_KEY]
-    _admin(request)
-    body = await request.content.read(gw.settings.max_size_request + 1)
-    if len(body) > gw.settings.max_size_request:
-        raise HTTPProblem(413, "The body is too large.")
+    services = _admin(request)
+    body = await _body(request, services.settings.max_size_request, HTTPProblem(413, "The body is too large."))
     try:
         events = decode_events(body)
     except EventDecodeError as exc:
         raise HTTPProblem(400, f"Not a StateChangeEvent or an array of them: {exc}.") from None
-    try:
-        await gw.bus.publish(events)
-    except GatewayError as exc:
-        # The bus cannot take events now (e.g. the broker is away): the caller may retry, nothing was published.
-        raise HTTPProblem(503, f"The event bus is unavailable: {exc}.", headers={"Retry-After": "5"}) from None
+    # A bus that cannot take events now (the broker is away) raises Unavailable: 503, nothing was published.
+    await services.bus.publish(events)
     return _json_response({"accepted": len(events)}, status=202)
 
 
 async def admin_delegation(request: web.Request) -> web.Response:
-    gw = request.app[GATEWAY_KEY]
-    _admin(request)
-    if gw.front is not None:
-        raise HTTPProblem(409, "In front mode accounts and their sharing are the upstream server's.")
+    services = _admin(request)
     owner, delegate = request.match_info["owner"], request.match_info["delegate"]
     if owner == delegate:
         raise HTTPProblem(400, "An account cannot be delegated to its owner.")
     if request.method == "PUT":
-        changed = gw.directory.grant(owner, delegate)
+        changed = services.delegations.grant(owner, delegate)
         return web.Response(status=201 if changed else 204)
-    if not gw.directory.revoke(owner, delegate):
+    if not services.delegations.revoke(owner, delegate):
         raise HTTPProblem(404, f"{delegate} has no delegation from {owner}.")
     return web.Response(status=204)
 
 
 async def download(request: web.Request) -> web.StreamResponse:
-    gw = request.app[GATEWAY_KEY]
+    services = request.app[SERVICES]
     principal = await _principal(request)
-    if gw.front is not None:
-        # Front mode: the blob is the upstream's (its downloadUrl), streamed through with the client's credentials.
-        return await gw.front.forward_download(request, principal)
-    fetch = getattr(gw.request_path, "download", None)
-    if fetch is None:
-        raise HTTPProblem(404, "This server has no blobs.")
-    data = await fetch(principal, request.match_info["account"], request.match_info["blob"])
-    if data is None:
-        raise HTTPProblem(404, "No such blob in this account.")
-    content_type = request.query.get("type") or "message/rfc822"
-    return web.Response(body=data, headers={"Content-Type": content_type})
+    info = request.match_info
+    blob = await services.request_path.download(principal, info["account"], info["blob"], info["name"],
+                                                request.query.get("type", ""))
+    response = web.StreamResponse(status=blob.status, headers=blob.headers)
+    try:
+        async for chunk in blob.chunks:
+            if not response.prepared:
+                await response.prepare(request)
+            await response.write(chunk)
+    except GatewayError:
+        if not response.prepared:
+            raise
+        # Headers are out: all that can be said now is that the body is incomplete.
+        if request.transport is not None:
+            request.transport.abort()
+        return response
+    if not response.prepared:
+        await response.prepare(request)
+    await response.write_eof()
+    return response
 
 
 async def upload(request: web.Request) -> web.Response:
-    gw = request.app[GATEWAY_KEY]
+    services = request.app[SERVICES]
     principal = await _principal(request)
-    if gw.front is None:
-        raise HTTPProblem(501, "This endpoint is advertised by RFC 8620 but not implemented by this gateway yet.")
-    # Front mode: RFC 8620 §6.1 upload to the upstream's uploadUrl, streamed, with the client's credentials.
-    return await gw.front.forward_upload(request, principal)
+    content_type = request.headers.get("Content-Type", "application/octet-stream")
+    answer = await services.request_path.upload(principal, request.match_info["account"], content_type,
+                                                request.content.iter_chunked(65536))
+    body = b"".join([chunk async for chunk in answer.chunks])
+    return web.Response(status=answer.status, body=body, headers=answer.headers)
 
 
 async def not_implemented(request: web.Request) -> web.Response:
@@ -200,9 +224,9 @@ async def not_implemented(request: web.Request) -> web.Response:
     raise HTTPProblem(501, "This endpoint is advertised by RFC 8620 but not implemented by this gateway yet.")
 
 
-def build_app(gw: Gateway) -> web.Application:
-    app = web.Application(middlewares=[problems], client_max_size=gw.settings.max_size_request + 1)
-    app[GATEWAY_KEY] = gw
+def build_app(services: HttpServices) -> web.Application:
+    app = web.Application(middlewares=[problems], client_max_size=services.settings.max_size_request + 1)
+    app[SERVICES] = services
     app.router.add_get("/.well-known/jmap", well_known)
     app.router.add_get("/jmap/session", session)
     app.router.add_post("/jmap/api", api)

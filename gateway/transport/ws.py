@@ -1,56 +1,70 @@
-"""The picows listener: translates frames and socket events of one WebSocket into session and hub calls.
+"""The WebSocket side of the transport: the upgrade handler, and the picows listener of each connection, which
+feeds frames to the connection's sans-I/O `Session` and performs the actions it returns.
 
-Frames go through the coalescer (reassembly, UTF-8, size limit, rsv rules), complete messages through the
-sans-I/O `JmapSession`, and the resulting actions are performed here: replies written, requests run as tasks
-on the request path, push enabled or disabled on the hub, the socket closed with the right code.
+`WebSocketService` is what every connection of a process shares (the open connections and per-user counts, the
+request runner, the timer wheel); it depends on ports only (authentication, the request path, the hub), never on
+the composition root. `WsConnection` is one socket: small on purpose, because idle connections are most of a
+gateway's memory.
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import socket
 import time
-from typing import TYPE_CHECKING, Any
+from collections.abc import Awaitable, Callable
+from types import ModuleType
+from typing import Any
 
 from picows import WSCloseCode, WSFrame, WSListener, WSMsgType, WSTransport
 
+from gateway.auth import Authenticator
+from gateway.config import Settings
+from gateway.deflate import MAX_WINDOW_BITS, Compression, DeflateParams, negotiate
 from gateway.directory import Principal
-from gateway.errors import SERVER_UNAVAILABLE, Close, RequestLevelError
-from gateway.session import CloseWith, EnablePush, JmapSession, Reply, Run
-
-if TYPE_CHECKING:
-    from gateway.app import Gateway
+from gateway.errors import Forbidden, GatewayError, HTTPProblem, Unauthorized, Unavailable
+from gateway.fanout.hub import Hub
+from gateway.metrics import Metrics
+from gateway.session import (
+    NEVER,
+    CloseWith,
+    DisablePush,
+    Echo,
+    EnablePush,
+    Limits,
+    Ping,
+    Reply,
+    Run,
+    Session,
+)
+from gateway.transport.front import RequestHead
+from gateway.transport.timers import TimerWheel
+from gateway.transport.upgrade import hand_off
+from gateway.upstream.base import RequestPath
 
 log = logging.getLogger(__name__)
 
-_MSG_TYPES = {m.value: m for m in WSMsgType}
-PING_PAYLOAD = b"jmap-gw"
 _NO_HEADERS: Any = ()
+TEXT = WSMsgType.TEXT
+CLOSE_LINGER = 2.0  # seconds a close frame gets to leave before the socket is dropped anyway
+UpgradeAuth = Callable[[RequestHead], Awaitable[Principal]]
 
 
-class Connection(WSListener):
-    """One authenticated WebSocket. Small on purpose: idle connections are most of a gateway's memory."""
+class WsConnection(WSListener):
+    """One authenticated WebSocket: picows callbacks in, `Session` actions out."""
 
-    __slots__ = (
-        "_closing", "_expiry", "coalescer", "deflate", "gw", "inflater_bits", "last_seen", "paused_since",
-        "pinged_at", "principal", "session", "target", "transport",
-    )
+    __slots__ = ("_timer_at", "deflate", "principal", "service", "session", "target", "transport")
 
-    def __init__(self, gw: Gateway, principal: Principal, deflate: Any = None) -> None:
-        self.gw = gw
+    def __init__(self, service: WebSocketService, principal: Principal, deflate: DeflateParams | None) -> None:
+        self.service = service
         self.principal = principal
-        self.deflate = deflate  # negotiated DeflateParams, or None
+        self.deflate = deflate
         self.transport: WSTransport | None = None
-        self.session = JmapSession(gw.supported_capabilities, gw.settings.max_calls_in_request,
-                                   gw.settings.max_concurrent_requests)
-        self.coalescer = gw.coalesce.Coalescer(gw.settings.message_limit, deflate is not None)
         self.target: Any = None
-        self.last_seen = 0.0
-        self.pinged_at = 0.0
-        self.paused_since = 0.0
-        self._closing = False
-        self._expiry: asyncio.TimerHandle | None = None
+        self.session = service.new_session(principal, deflate is not None)
+        self._timer_at = NEVER
 
     # --- picows callbacks ----------------------------------------------------------------------------------
 
@@ -61,139 +75,317 @@ class Connection(WSListener):
         for kept in (transport.request, transport.response):
             if kept is not None:
                 kept.headers = _NO_HEADERS
-        gw = self.gw
-        transport.underlying_transport.set_write_buffer_limits(high=gw.settings.write_high_water)
-        if gw.settings.socket_sndbuf:
-            sock = transport.underlying_transport.get_extra_info("socket")
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, gw.settings.socket_sndbuf)
+        service = self.service
+        tcp = transport.underlying_transport
+        tcp.set_write_buffer_limits(high=service.settings.write_high_water)
+        if service.settings.socket_sndbuf:
+            tcp.get_extra_info("socket").setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF,
+                                                    service.settings.socket_sndbuf)
         # The shared compressor uses a 32 KiB window: a peer that limited ours (server_max_window_bits < 15)
         # gets plain frames, which RFC 7692 §6 allows for any message.
-        compress = self.deflate is not None and self.deflate.server_max_window_bits == 15
-        self.target = gw.broadcast.Target(transport, compress)
-        self.last_seen = gw.loop.time()
-        gw.connection_opened(self)
-        exp = self.principal.expires_at
-        if exp is not None:
-            # A token that expires while the socket is open closes it at the expiry (policy violation).
-            self._expiry = gw.loop.call_later(max(0.0, exp - time.time()), self.close,
-                                              Close.POLICY_VIOLATION, "token expired")
-        gw.schedule_keepalive(self)
+        compress = self.deflate is not None and self.deflate.server_max_window_bits == MAX_WINDOW_BITS
+        self.target = service.broadcast.Target(transport, compress)
+        service.opened(self)
+        self._arm()
 
     def on_ws_disconnected(self, transport: WSTransport) -> None:
-        if self._expiry is not None:
-            self._expiry.cancel()
-        self.gw.hub.disable(self.target)
-        self.gw.connection_closed(self)
+        self.session.closing = True
+        self.service.hub.disable(self.target)
+        self.service.closed(self)
 
     def pause_writing(self) -> None:
         # The socket's write buffer passed its high-water mark: pushes now merge instead of queueing.
         self.target.paused = True
-        self.paused_since = self.gw.loop.time()
-        self.gw.schedule_slow_check(self)
+        self.session.paused(self.service.now())
+        self._arm()
 
     def resume_writing(self) -> None:
         self.target.paused = False
-        self.paused_since = 0.0
-        self.gw.hub.flush(self.target)
+        self.session.resumed()
+        self.service.hub.flush(self.target)
 
     def is_user_specific_pong(self, frame: WSFrame) -> bool:
         return False
 
     def on_ws_frame(self, transport: WSTransport, frame: WSFrame) -> None:
-        self.last_seen = self.gw.loop.time()
-        op = frame.msg_type
-        if op == WSMsgType.PONG:
-            self.pinged_at = 0.0
-            return
         rsv = (frame.rsv1 << 2) | (frame.rsv2 << 1) | frame.rsv3
-        c = self.coalescer
-        status = c.feed(op.value, frame.fin, rsv, frame.get_payload_as_memoryview())
-        if op == WSMsgType.CLOSE and status != 3:
-            self._on_close_frame(transport, frame.get_payload_as_bytes())
-            return
-        if status == 0 or status == 2:  # PENDING, or a PING that picows already answered
-            return
-        if status == 3:
-            self.close(c.error_code, c.error_reason)
-            return
-        payload = c.take()
-        opcode = c.opcode
-        if c.rsv1:
-            payload = self.gw.inflate(self, payload)
-            if payload is None:
-                return
-        self.gw.metrics.message_in()
-        self.on_message(opcode, payload)
-
-    def on_message(self, opcode: int, payload: bytes) -> None:
-        """A complete, inflated, validated message: the JMAP session decides what happens."""
-        action = self.session.receive(opcode, payload)
-        if isinstance(action, Run):
-            self.gw.run_request(self, action)
-        elif isinstance(action, Reply):
-            self.gw.metrics.request_error_sent(action.payload)
-            self.send(action.payload)
-        elif isinstance(action, EnablePush):
-            self.gw.enable_push(self, action)
-        elif isinstance(action, CloseWith):
-            self.close(action.code, action.reason)
-        else:
-            self.gw.hub.disable(self.target)
-
-    def _on_close_frame(self, transport: WSTransport, payload: bytes) -> None:
-        """RFC 6455 §5.5.1: answer a close frame with one (echoing its code) and end the connection."""
-        if not payload:
-            code = 1005  # no status code: answered with 1000
-            reply = Close.NORMAL
-        else:
-            code = int.from_bytes(payload[:2], "big")
-            if not valid_close_code(code):
-                # RFC 6455 §7.4: 0-999, 1004-1006, 1015 and the unassigned ranges must not appear on the wire.
-                self.close(Close.PROTOCOL_ERROR, "invalid close code")
-                return
-            reply = code
-        self.gw.metrics.close(code)
-        # picows takes any integer where it declares its enum (a Cython cpdef enum), so 3000-4999 echo as they are.
-        transport.send_close(reply)  # type: ignore[arg-type]
-        transport.disconnect()
+        action = self.session.frame(frame.msg_type.value, frame.fin, rsv, frame.get_payload_as_memoryview(),
+                                    self.service.now())
+        if action is not None:
+            if type(action) in _MESSAGES:
+                self.service.metrics.message_in()
+            self.perform(action)
 
     # --- actions -------------------------------------------------------------------------------------------
 
-    def send(self, payload: bytes) -> None:
+    def perform(self, action: Any) -> None:
+        kind = type(action)
+        if kind is Reply:
+            self._reply(action)
+        elif kind is Run:
+            self.service.run(self, action)
+        elif kind is EnablePush:
+            self.service.enable_push(self, action.data_types, action.push_state)
+        elif kind is DisablePush:
+            self.service.hub.disable(self.target)
+        elif kind is CloseWith:
+            self._close(action)
+        elif kind is Ping:
+            if self.transport is not None:
+                self.transport.send_ping(b"gw")
+            self._arm()
+        elif kind is Echo:
+            self.send(action.payload, WSMsgType(action.opcode))
+
+    def send(self, payload: bytes, opcode: WSMsgType = TEXT) -> None:
+        """Write one message, compressed when permessage-deflate was negotiated with our window (RFC 7692 §6)."""
         transport = self.transport
-        if transport is None or self._closing:
+        if transport is None or self.session.closing:
             return
-        self.gw.send_message(self, payload)
-        if self.target.paused:
-            # Responses are never dropped, but a socket that does not read may not hold unbounded memory.
-            buffered = transport.underlying_transport.get_write_buffer_size()
-            if buffered > self.gw.settings.slow_client_max_bytes:
-                self.close(Close.TRY_AGAIN_LATER, "too much unread data")
+        if self.target.deflate:
+            deflated = self.service.compression.compress(payload)
+            if deflated is not None:
+                transport.send(opcode, deflated, True, True)
+                return
+        transport.send(opcode, payload)
+
+    def _reply(self, reply: Reply) -> None:
+        self.service.metrics.reply_sent(reply.error)
+        self.send(reply.payload)
+        if self.target is not None and self.target.paused and self.transport is not None:
+            self.perform(self.session.wrote_reply(self.transport.underlying_transport.get_write_buffer_size()))
 
     def finish(self, request_id: str | None, result: Any) -> None:
-        self.send(self.session.finish(request_id, result))
+        """A request of this connection ended (the service's runner calls it)."""
+        self.perform(self.session.finish(request_id, result))
 
     def close(self, code: int, reason: str = "") -> None:
+        """Close from outside the protocol (shutdown, revoked credentials)."""
+        self.perform(self.session.close(code, reason))
+
+    def _close(self, action: CloseWith) -> None:
         transport = self.transport
-        if transport is None or self._closing:
+        self.service.metrics.close(action.code)
+        self.service.hub.disable(self.target)
+        if transport is None:
             return
-        self._closing = True
-        self.gw.metrics.close(code)
-        self.gw.hub.disable(self.target)
-        transport.send_close(WSCloseCode(code), reason.encode()[:120])
+        # picows takes any integer where it declares its enum (a Cython cpdef enum), so 3000-4999 echo as they are.
+        code: Any = action.code
+        if action.echo:
+            transport.send_close(code)
+            transport.disconnect()
+            return
+        transport.send_close(WSCloseCode(code), action.reason.encode()[:120])
+        if action.abort:
+            transport.underlying_transport.abort()
+            return
         # Give the close frame a moment to leave, then drop the socket even if the peer never answers.
         transport.disconnect(graceful=True)
-        self.gw.loop.call_later(2.0, transport.underlying_transport.abort)
+        self.service.loop.call_later(CLOSE_LINGER, transport.underlying_transport.abort)
 
     @property
     def closing(self) -> bool:
-        return self._closing or self.transport is None or self.transport.is_disconnected
+        return self.session.closing or self.transport is None or self.transport.is_disconnected
+
+    # --- time ----------------------------------------------------------------------------------------------
+
+    def _arm(self) -> None:
+        """Make sure the timer wheel wakes this connection at its session's deadline (one pending wake-up)."""
+        due = self.session.deadline
+        if due < self._timer_at:
+            self._timer_at = due
+            self.service.wheel.call_at(due, functools.partial(self._on_timer, due))
+
+    def _on_timer(self, when: float, now: float) -> None:
+        if when != self._timer_at:
+            return  # superseded by an earlier wake-up
+        self._timer_at = NEVER
+        action = self.session.timer(now)
+        if action is not None:
+            self.perform(action)
+        if not self.session.closing:
+            self._arm()
 
 
-def valid_close_code(code: int) -> bool:
-    """RFC 6455 §7.4.1-7.4.2 and the IANA registry: the codes a peer may send in a close frame."""
-    return 1000 <= code <= 1003 or 1007 <= code <= 1014 or 3000 <= code <= 4999
+_MESSAGES = frozenset({Reply, Run, EnablePush, DisablePush, Echo})
 
 
-def server_unavailable(detail: str) -> RequestLevelError:
-    return RequestLevelError(SERVER_UNAVAILABLE, detail, status=503)
+class WebSocketService:
+    """Everything the WebSockets of one process share, and the upgrade handler that creates them."""
+
+    def __init__(self, settings: Settings, auth: Authenticator, request_path: RequestPath, hub: Hub,
+                 compression: Compression, coalesce: ModuleType, broadcast: ModuleType, metrics: Metrics, *,
+                 session_class: type[Session] = Session, upgrade_auth: UpgradeAuth | None = None) -> None:
+        self.settings = settings
+        self.auth = auth
+        self.request_path = request_path
+        self.hub = hub
+        self.compression = compression
+        self.coalesce = coalesce
+        self.broadcast = broadcast
+        self.metrics = metrics
+        self._session_class = session_class
+        self._upgrade_auth = upgrade_auth or self._authenticate
+        self.limits = Limits(max_calls=settings.max_calls_in_request, max_concurrent=settings.max_concurrent_requests,
+                             ping_interval=settings.ping_interval, ping_timeout=settings.ping_timeout,
+                             slow_timeout=settings.slow_client_timeout, slow_max_bytes=settings.slow_client_max_bytes)
+        self.connections: set[WsConnection] = set()
+        self._per_user: dict[str, int] = {}
+        self._requests: set[asyncio.Task[Any]] = set()
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._wheel: TimerWheel | None = None
+
+    def start(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._wheel = TimerWheel(self._loop)
+
+    @property
+    def loop(self) -> asyncio.AbstractEventLoop:
+        assert self._loop is not None, "WebSocketService.start() not called"
+        return self._loop
+
+    @property
+    def wheel(self) -> TimerWheel:
+        assert self._wheel is not None, "WebSocketService.start() not called"
+        return self._wheel
+
+    def now(self) -> float:
+        return self.loop.time()
+
+    def track(self, task: asyncio.Task[Any]) -> None:
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    # --- the upgrade ---------------------------------------------------------------------------------------
+
+    async def _authenticate(self, head: RequestHead) -> Principal:
+        tickets = head.query.get("ticket")
+        if tickets:
+            return self.auth.redeem_ticket(tickets[0])
+        return await self.auth.authenticate(head.get("authorization"))
+
+    async def accept(self, head: RequestHead, transport: asyncio.Transport, buffered: bytes) -> None:
+        """The front protocol's upgrade handler: refusals raise (the front protocol answers them, RFC 7807)."""
+        extra_headers: dict[str, str] = {}
+        if "jmap" in head.tokens("sec-websocket-protocol"):
+            # RFC 8887 §3: the client offers "jmap"; the server echoes it.
+            extra_headers["Sec-WebSocket-Protocol"] = "jmap"
+        elif self.settings.require_subprotocol:
+            self.metrics.upgrades.labels("no_subprotocol").inc()
+            raise HTTPProblem(400, 'The WebSocket subprotocol "jmap" must be offered (RFC 8887 §3).')
+        try:
+            principal = await self._upgrade_auth(head)
+        except (Unauthorized, Forbidden, Unavailable):
+            self.metrics.upgrades.labels("unauthorized").inc()
+            raise
+        count = self._per_user.get(principal.username, 0)
+        if count >= self.settings.max_connections_per_user:
+            self.metrics.upgrades.labels("too_many").inc()
+            raise HTTPProblem(429, f"{principal.username} already has {count} connections on this server.",
+                              headers={"Retry-After": "10"})
+        if transport.is_closing():
+            return
+        deflate = None
+        if self.settings.deflate:
+            agreed = negotiate(head.get_all("sec-websocket-extensions"))
+            if agreed is not None:
+                deflate, extra_headers["Sec-WebSocket-Extensions"] = agreed
+        conn = WsConnection(self, principal, deflate)
+        accepted = hand_off(transport, buffered, conn, extra_headers, self.settings.message_limit)
+        self.metrics.upgrades.labels("ok" if accepted else "invalid").inc()
+
+    def new_session(self, principal: Principal, deflate: bool) -> Session:
+        now = self.now()
+        expires_at = None
+        if principal.expires_at is not None:
+            # A wall-clock expiry (a JWT's exp) on the loop's clock, which the session runs on.
+            expires_at = now + max(0.0, principal.expires_at - time.time())
+        return self._session_class(
+            self.limits, self.request_path.capabilities_for(principal),
+            self.coalesce.Coalescer(self.settings.message_limit, deflate), now=now, expires_at=expires_at,
+            inflate=self.compression.inflate if deflate else None, utf8_valid=self.coalesce.utf8_valid)
+
+    def opened(self, conn: WsConnection) -> None:
+        self.connections.add(conn)
+        name = conn.principal.username
+        self._per_user[name] = self._per_user.get(name, 0) + 1
+        self.metrics.connections.inc()
+
+    def closed(self, conn: WsConnection) -> None:
+        if conn not in self.connections:
+            return
+        self.connections.discard(conn)
+        name = conn.principal.username
+        n = self._per_user.get(name, 1) - 1
+        if n <= 0:
+            self._per_user.pop(name, None)
+        else:
+            self._per_user[name] = n
+        self.metrics.connections.dec()
+
+    def connections_of(self, username: str) -> int:
+        return self._per_user.get(username, 0)
+
+    # --- requests and push ---------------------------------------------------------------------------------
+
+    def run(self, conn: WsConnection, action: Run) -> None:
+        task = self.loop.create_task(self._run(conn, action))
+        self._requests.add(task)
+        task.add_done_callback(self._requests.discard)
+
+    async def _run(self, conn: WsConnection, action: Run) -> None:
+        result: Any
+        try:
+            result = await self.request_path.call(conn.principal, action.request)
+        except GatewayError as exc:
+            result = exc
+        except Exception as exc:
+            log.exception("request path failed for %s", conn.principal.username)
+            result = exc  # answered as serverFail
+        conn.finish(action.request_id, result)
+
+    def enable_push(self, conn: WsConnection, data_types: frozenset[str] | None, push_state: str | None) -> None:
+        # Subscribed at once (no event from here on is missed, and an account-list change takes effect before the
+        # next event); reading states and pushing what a resume missed may need I/O.
+        sub = self.hub.subscribe(conn.target, conn.principal, data_types)
+        rest = self.hub.resume(sub, push_state, lambda: not conn.closing)
+        if rest is not None:
+            self.track(self.loop.create_task(rest))
+
+    def refresh(self, conn: WsConnection, principal: Principal) -> None:
+        """The socket's principal changed (front mode's recheck, a delegation): its push subscription follows the
+        new account list."""
+        changed = principal.account_ids != conn.principal.account_ids
+        conn.principal = principal
+        if changed:
+            sub = self.hub.subscription(conn.target)
+            if sub is not None:
+                self.enable_push(conn, sub.data_types, None)
+
+    def refresh_user(self, username: str, principal_of: Callable[[str, float | None], Principal]) -> None:
+        for conn in [c for c in self.connections if c.principal.username == username]:
+            self.refresh(conn, principal_of(username, conn.principal.expires_at))
+
+    # --- shutdown ------------------------------------------------------------------------------------------
+
+    async def shutdown(self, grace: float) -> tuple[int, int]:
+        """Finish in-flight requests (up to `grace` seconds), then close every socket with 1001 (RFC 6455
+        §7.4.1). Returns (sockets closed, requests finished)."""
+        deadline = time.monotonic() + grace
+        pending = len(self._requests)
+        while self._requests and time.monotonic() < deadline:
+            await asyncio.wait(list(self._requests), timeout=max(0.0, deadline - time.monotonic()))
+        finished = pending - len(self._requests)
+        closed = len(self.connections)
+        for conn in list(self.connections):
+            conn.close(1001, "server shutting down")
+        close_deadline = time.monotonic() + CLOSE_LINGER
+        while self.connections and time.monotonic() < close_deadline:
+            await asyncio.sleep(0.01)  # bounded: sockets report their disconnect through picows callbacks
+        for task in [*self._requests, *self._tasks]:
+            task.cancel()
+        await asyncio.gather(*self._requests, *self._tasks, return_exceptions=True)
+        if self._wheel is not None:
+            self._wheel.close()
+        return closed, finished

@@ -1,9 +1,9 @@
 """Front mode's authentication: the upstream validates the credentials (by serving its session resource with
 them), the gateway caches the answer, keeps local Bearer JWTs and tickets working, and re-validates open sockets.
 
-Outcomes at the upgrade and on every HTTP call (one mapping, here): the upstream's 401 is a 401 with
-`WWW-Authenticate`; its 403 a 403; an upstream that cannot be reached, is too slow or fails (5xx) is a 503 with
-`Retry-After`, never a 401, so that clients retry instead of asking their user for a password.
+Outcomes (mapped to the wire by gateway.errors): the upstream's 401 is a 401 with its `WWW-Authenticate`; its 403
+a 403; an upstream that cannot be reached, is too slow or fails (5xx) is Unavailable, a 503 with `Retry-After`,
+never a 401, so that clients retry instead of asking their user for a password.
 """
 
 from __future__ import annotations
@@ -11,15 +11,15 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import secrets
 import time
 from collections.abc import Callable, Iterable
 from typing import Any
 
-from gateway.auth import Authenticator, Clock
-from gateway.config import Settings
-from gateway.directory import Directory, Principal
-from gateway.errors import Close, HTTPProblem
-from gateway.upstream.proxy import RETRY_AFTER, ProxyRequestPath
+from gateway.auth import BASIC_CHALLENGE, BEARER_CHALLENGE, Clock, JwtVerifier, utc_date
+from gateway.directory import Principal
+from gateway.errors import Close, Unauthorized
+from gateway.upstream.client import UpstreamClient
 from gateway.upstream.session import (
     Credentials,
     FrontPrincipal,
@@ -32,7 +32,6 @@ from gateway.upstream.session import (
 
 log = logging.getLogger(__name__)
 
-CHALLENGE = 'Basic realm="jmap", charset="UTF-8", Bearer realm="jmap"'
 RECHECK_CONCURRENCY = 32  # upstream calls one recheck tick may have in flight
 # How long an upgrade with a locally verified JWT waits for the upstream's session (its delegated accounts)
 # before it goes ahead with the token's own account; the fetch goes on, and the recheck picks its answer up.
@@ -40,47 +39,27 @@ LOCAL_JWT_WAIT = 2.0
 RETRY_UNAVAILABLE = 60.0  # seconds until a recheck the upstream could not answer is tried again
 
 
-class FrontAuthenticator(Authenticator):
-    """Authentication against the upstream, with the core's tickets and local JWT verification kept."""
+class UpstreamCheck:
+    """The credential check of front mode (gateway.auth.CredentialCheck): the upstream says who it is."""
 
-    def __init__(self, settings: Settings, directory: Directory, upstream: ProxyRequestPath,
-                 clock: Clock = time.time) -> None:
-        super().__init__(settings, directory, clock)
-        self._upstream = upstream
-        self._principal_tickets: dict[str, tuple[Principal, float]] = {}
-        # Every scheme goes to the upstream, so both are always on offer.
-        self.challenge = CHALLENGE
+    # Every scheme goes to the upstream, so both are always on offer.
+    challenge = BASIC_CHALLENGE + ", " + BEARER_CHALLENGE
 
-    def authenticate(self, authorization: str | None) -> Principal:
-        raise RuntimeError("front mode authenticates against the upstream: use `check` (awaitable)")
+    def __init__(self, client: UpstreamClient, jwt_verifier: JwtVerifier) -> None:
+        self._client = client
+        self._jwt = jwt_verifier
 
-    async def check(self, authorization: str | None, *, fresh: bool = False) -> FrontPrincipal:
-        """The principal of an `Authorization` value; HTTPProblem 401, 403 or 503 otherwise. `fresh` asks the
-        upstream even when its session for these credentials is cached (and refreshes the cache)."""
-        if not authorization or not authorization.strip():
-            raise self._unauthorized("Authentication is required.")
-        header = authorization.strip()
-        scheme, _, value = header.partition(" ")
-        scheme = scheme.lower()
-        if scheme not in ("basic", "bearer") or not value.strip():
-            raise self._unauthorized(f"The {scheme or 'empty'} authentication scheme is not accepted.")
+    async def check(self, scheme: str, value: str, header: str, *, fresh: bool) -> FrontPrincipal:
+        if scheme not in ("basic", "bearer") or not value:
+            raise Unauthorized(f"The {scheme or 'empty'} authentication scheme is not accepted.")
         credentials = Credentials(header)
-        sessions = self._upstream.sessions
+        sessions = self._client.sessions
         key = sessions.key(header)
         if scheme == "bearer":
-            local = self.verify_jwt(value.strip())
+            local = self._jwt.verify(value)
             if local is not None:
                 return await self._local_jwt(local[0], local[1], credentials, key, fresh)
-        try:
-            session = await sessions.get(key, header, fresh=fresh)
-        except UpstreamUnauthorized as exc:
-            raise HTTPProblem(401, "The credentials are not valid.",
-                              headers={"WWW-Authenticate": exc.challenge or self.challenge}) from None
-        except UpstreamForbidden as exc:
-            raise HTTPProblem(403, str(exc)) from None
-        except UpstreamUnavailable as exc:
-            raise HTTPProblem(503, f"The credentials cannot be checked now: {exc}",
-                              headers={"Retry-After": RETRY_AFTER}) from None
+        session = await sessions.get(key, header, fresh=fresh)
         return principal_from(session, credentials, key)
 
     # --- Bearer JWTs this gateway can verify itself ---------------------------------------------------------
@@ -90,9 +69,9 @@ class FrontAuthenticator(Authenticator):
         """A locally verified token authenticates on its own (an upstream outage does not block the upgrade).
         Its accounts, the delegated ones included, come from the upstream session when the upstream accepts the
         same token; otherwise the principal has its own account, SHA-256(sub) as James derives it."""
-        wait = min(LOCAL_JWT_WAIT, self._upstream.timeout)
+        wait = min(LOCAL_JWT_WAIT, self._client.timeout)
         try:
-            session = await asyncio.wait_for(self._upstream.sessions.get(key, credentials.header, fresh=fresh), wait)
+            session = await asyncio.wait_for(self._client.sessions.get(key, credentials.header, fresh=fresh), wait)
         except (UpstreamUnauthorized, UpstreamForbidden):
             # The upstream does not take this token (a gateway-only token): its own account, rechecked as usual.
             return own_account_principal(sub, credentials, key, exp, time.monotonic())
@@ -108,21 +87,28 @@ class FrontAuthenticator(Authenticator):
         principal.local = True
         return principal
 
-    # --- tickets keep the whole principal (its credentials are needed to forward requests) -------------------
 
-    def issue_ticket(self, principal: Principal) -> tuple[str, str]:
-        # Not the core's signed tickets: these hold the client's credentials, so they stay in this process.
-        value, valid_until = super().issue_ticket(principal)
+class HeldTickets:
+    """Front mode's tickets (gateway.auth.Tickets): they hold the client's credentials, so they stay in this
+    process's memory (never signed into a token), single use, for `ttl` seconds."""
+
+    def __init__(self, ttl: float, clock: Clock = time.time) -> None:
+        self.ttl = ttl
+        self.clock = clock
+        self._held: dict[str, tuple[Principal, float]] = {}
+
+    def issue(self, principal: Principal) -> tuple[str, str]:
         now = self.clock()
-        expiry = now + self.ticket_ttl
-        self._principal_tickets = {t: v for t, v in self._principal_tickets.items() if v[1] > now}
-        self._principal_tickets[value] = (principal, expiry)
-        return value, valid_until
+        expiry = now + self.ttl
+        self._held = {t: v for t, v in self._held.items() if v[1] > now}
+        value = secrets.token_urlsafe(24)
+        self._held[value] = (principal, expiry)
+        return value, utc_date(expiry)
 
-    def redeem_ticket(self, value: str) -> Principal:
-        entry = self._principal_tickets.pop(value, None)
+    def redeem(self, value: str) -> Principal:
+        entry = self._held.pop(value, None)
         if entry is None or entry[1] <= self.clock():
-            raise self._unauthorized("The ticket is unknown, already used or expired.")
+            raise Unauthorized("The ticket is unknown, already used or expired.")
         return entry[0]
 
 
@@ -140,17 +126,16 @@ class Rechecker:
     upstream reach the push subscription. A locally verified JWT is never closed here (its `exp` does that).
     """
 
-    def __init__(self, auth: FrontAuthenticator, upstream: ProxyRequestPath, interval: float,
-                 sockets: Callable[[], Iterable[Any]], refreshed: Refreshed) -> None:
-        self._auth = auth
-        self._upstream = upstream
+    def __init__(self, client: UpstreamClient, interval: float, sockets: Callable[[], Iterable[Any]],
+                 refreshed: Refreshed) -> None:
+        self._upstream = client
         self.interval = interval
         # Ticks are a fraction of the interval, so a socket is rechecked at most a quarter interval late.
         self.tick_seconds = min(max(interval / 4, 0.05), 30.0)
         self._sockets = sockets
         self._refreshed = refreshed
         self._wake = asyncio.Event()
-        upstream.on_rejected = self._wake.set
+        client.on_rejected = self._wake.set
         self.closed = 0
 
     async def run(self) -> None:

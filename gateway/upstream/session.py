@@ -21,32 +21,31 @@ from urllib.parse import urljoin
 import msgspec
 
 from gateway.directory import Account, Principal, account_id_for
-from gateway.errors import GatewayError
+from gateway.errors import Forbidden, Unauthorized, Unavailable
 from gateway.jmap.types import CORE
 
 log = logging.getLogger(__name__)
 
 
-# --- what the upstream can answer ------------------------------------------------------------------------
+# --- what the upstream can answer (gateway.errors maps each to its wire answer) ------------------------------
 
-class UpstreamError(GatewayError):
-    """The upstream did not give a usable answer."""
-
-
-class UpstreamUnauthorized(UpstreamError):
-    """401: the upstream does not accept these credentials (wrong, expired or revoked)."""
+class UpstreamUnauthorized(Unauthorized):
+    """401: the upstream does not accept these credentials (wrong, expired or revoked); its WWW-Authenticate
+    challenge is passed on to the client."""
 
     def __init__(self, challenge: str | None) -> None:
-        super().__init__("The upstream server rejected the credentials.")
-        self.challenge = challenge  # its WWW-Authenticate, passed on to the client
+        super().__init__("The credentials are not valid.", challenge)
 
 
-class UpstreamForbidden(UpstreamError):
+class UpstreamForbidden(Forbidden):
     """403: the credentials are valid but may not use the upstream's JMAP API."""
 
 
-class UpstreamUnavailable(UpstreamError):
+class UpstreamUnavailable(Unavailable):
     """Not reachable, too slow (GATEWAY_UPSTREAM_TIMEOUT), a 5xx, or an answer that is not a Session."""
+
+
+UpstreamError = UpstreamUnauthorized | UpstreamForbidden | UpstreamUnavailable
 
 
 # --- the Session object as the upstream sends it -----------------------------------------------------------

@@ -7,13 +7,11 @@ import websockets
 from websockets.exceptions import ConnectionClosed
 
 from gateway.config import load
-from gateway.tools.echo import _DEFAULTS, EchoGateway
-from gateway.upstream.core import CoreOnly
+from gateway.tools.echo import _DEFAULTS, echo_gateway
 
 
 async def test_echo_text_binary_and_compressed() -> None:
-    gw = EchoGateway(load({**_DEFAULTS, "GATEWAY_PORT": "0", "GATEWAY_MAX_MESSAGE_BYTES": "100000"}),
-                     request_path=CoreOnly())
+    gw = echo_gateway(load({**_DEFAULTS, "GATEWAY_PORT": "0", "GATEWAY_MAX_MESSAGE_BYTES": "100000"}))
     await gw.start()
     try:
         url = f"ws://127.0.0.1:{gw.port}/jmap/ws"

@@ -242,7 +242,7 @@ async def test_upgrade_maps_upstream_answers(fake: FakeUpstream, make_front: Fro
 async def test_auth_cache_shares_one_call_and_never_keys_by_credentials(fake: FakeUpstream,
                                                                        make_front: FrontFactory) -> None:
     front = await make_front(fake.session_url, AUTH_CACHE_TTL="300")
-    cache = front.front.sessions  # type: ignore[union-attr]
+    cache = front.request_path.client.sessions  # type: ignore[attr-defined]
     fake.session_gate = asyncio.Event()
     upgrades = [asyncio.create_task(connect_front(front, basic(BOB))) for _ in range(10)]
     # Every upgrade is waiting: one fetched, the nine others joined its flight.

@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
+from typing import Any
 
 import aiohttp
 import pytest
 
 from gateway.app import Gateway
 from gateway.directory import account_id_for
+from gateway.upstream.core import CoreOnly
 from tests.conftest import ADMIN, ALICE, BOB, GatewayFactory, basic, connect, http_url
 from tests.e2e.test_push import enable, next_push_or_none
 
@@ -112,3 +115,46 @@ async def test_admin_disabled_without_token(make_gateway: GatewayFactory) -> Non
     async with aiohttp.ClientSession() as http, http.post(http_url(gw, "/admin/events"),
                                                           headers={"Authorization": "Bearer x"}, json={}) as r:
         assert r.status == 404
+
+
+class Gated(CoreOnly):
+    """Core/echo that waits for `release` first: a request that stays in flight as long as the test wants."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.release = asyncio.Event()
+        self.entered = 0
+
+    async def call(self, principal: Any, request: Any) -> Any:
+        self.entered += 1
+        await self.release.wait()
+        return await super().call(principal, request)
+
+
+async def test_http_api_limits_requests_in_flight_per_user(make_gateway: GatewayFactory) -> None:
+    path = Gated()
+    gw = await make_gateway(request_path=path, MAX_CONCURRENT_REQUESTS="1")
+    body = json.dumps({"using": [CORE], "methodCalls": [["Core/echo", {}, "0"]]})
+
+    async with aiohttp.ClientSession() as http:
+        async def post(user: tuple[str, str]) -> tuple[int, dict[str, Any]]:
+            async with http.post(http_url(gw, "/jmap/api"), data=body,
+                                 headers={"Authorization": basic(user)}) as r:
+                return r.status, await r.json(content_type=None)
+
+        first = asyncio.ensure_future(post(BOB))
+        for _ in range(500):  # until the first request is inside the request path
+            if path.entered:
+                break
+            await asyncio.sleep(0.01)
+        status, problem = await post(BOB)
+        assert (status, problem["limit"]) == (400, "maxConcurrentRequests")
+        assert problem["type"] == "urn:ietf:params:jmap:error:limit"
+        other = asyncio.ensure_future(post(ALICE))  # another user has a limit of their own
+        for _ in range(500):
+            if path.entered == 2:
+                break
+            await asyncio.sleep(0.01)
+        path.release.set()
+        assert (await first)[0] == 200 and (await other)[0] == 200
+        assert (await post(BOB))[0] == 200  # released

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import time
+from typing import Any
 
 import aiohttp
 import jwt
@@ -178,9 +179,11 @@ async def test_tickets_are_single_use_and_expire(gateway: Gateway) -> None:
     with pytest.raises(InvalidStatus) as info:
         await websockets.connect(ws_url(gateway, f"ticket={ticket}"), subprotocols=["jmap"])
     assert info.value.response.status_code == 401
+    assert gateway.directory is not None
     value, _ = gateway.auth.issue_ticket(gateway.directory.principal(ALICE[0]))
-    real_clock = gateway.auth.clock
-    gateway.auth.clock = lambda: real_clock() + gateway.settings.ticket_ttl + 1
+    tickets: Any = gateway.auth.tickets
+    real_clock = tickets.clock
+    tickets.clock = lambda: real_clock() + gateway.settings.ticket_ttl + 1
     with pytest.raises(InvalidStatus) as info:
         await websockets.connect(ws_url(gateway, f"ticket={value}"), subprotocols=["jmap"])
     assert info.value.response.status_code == 401
@@ -228,6 +231,7 @@ async def test_tickets_are_redeemable_on_any_process_sharing_the_key(make_gatewa
     issuer = await make_gateway(TICKET_SECRET="shared-key")
     other = await make_gateway(TICKET_SECRET="shared-key")
     stranger = await make_gateway(TICKET_SECRET="another-key")
+    assert issuer.directory is not None
     value, _ = issuer.auth.issue_ticket(issuer.directory.principal(ALICE[0]))
     with pytest.raises(InvalidStatus) as info:
         await websockets.connect(ws_url(stranger, f"ticket={value}"), subprotocols=["jmap"])

@@ -90,7 +90,7 @@ async def test_multipart_alternative_with_attachment(mx: Mx) -> None:
     assert (pdf["type"], pdf["name"], pdf["size"]) == ("application/pdf", "rapport.pdf", len(PDF_BYTES))
     assert email["preview"] == "Le rapport est joint."
     assert email["bodyStructure"]["type"] == "multipart/mixed"
-    assert await mx.env.backend.download(bob.principal, bob.account_id, pdf["blobId"]) == PDF_BYTES
+    assert await mx.env.backend.blob(bob.principal, bob.account_id, pdf["blobId"]) == PDF_BYTES
     html = await bob.email(email["id"], "bodyValues", fetchHTMLBodyValues=True)
     assert [v["value"].strip() for v in html["bodyValues"].values()] == ["<p>Le <b>rapport</b> est joint.</p>"]
 

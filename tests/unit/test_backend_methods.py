@@ -6,10 +6,13 @@ from typing import Any
 
 import pytest
 
-from gateway.backend.service import EmbeddedBackend, UnknownRecipient
+from gateway.admission import check_request
+from gateway.backend.delivery import UnknownRecipient
+from gateway.backend.service import EmbeddedBackend
 from gateway.directory import account_id_for
-from gateway.jmap.types import CORE, MAIL, SUBMISSION, VACATION, ApiRequest
-from gateway.upstream.base import RequestPath, check_request
+from gateway.errors import HTTPProblem
+from gateway.jmap.types import CORE, MAIL, SUBMISSION, VACATION, WEBSOCKET, ApiRequest
+from gateway.upstream.base import RequestPath, SessionContext
 from tests.unit.test_backend_support import (
     ALICE,
     BOB,
@@ -25,17 +28,22 @@ from tests.unit.test_backend_support import (
 
 def test_capabilities(env: Env) -> None:
     backend: RequestPath = env.backend  # mypy checks that the backend is a RequestPath
-    assert dict(backend.capabilities) == {MAIL: {}, SUBMISSION: {}, VACATION: {}}
-    account = env.directory.accounts_for(BOB)[0]
-    mail = backend.account_capabilities(account)[MAIL]
+    principal = env.directory.principal(BOB)
+    ctx = SessionContext("http://gw.example", "ws://gw.example/jmap/ws", env.settings)
+    session = backend.session_resource(principal, ctx)
+    assert {k: v for k, v in session["capabilities"].items() if k not in (CORE, WEBSOCKET)} == {
+        MAIL: {}, SUBMISSION: {}, VACATION: {}}
+    account = session["accounts"][principal.accounts[0].id]["accountCapabilities"]
+    mail = account[MAIL]
     # RFC 8621 §1.3.1: every field of the account capability is present.
     assert set(mail) == {"maxMailboxesPerEmail", "maxMailboxDepth", "maxSizeMailboxName",
                          "maxSizeAttachmentsPerEmail", "emailQuerySortOptions", "mayCreateTopLevelMailbox"}
     assert mail["maxSizeMailboxName"] >= 100 and "receivedAt" in mail["emailQuerySortOptions"]
-    assert backend.account_capabilities(account)[SUBMISSION] == {"maxDelayedSend": 0, "submissionExtensions": {}}
-    # What the caller checks `using` against: core plus these.
-    check_request(ApiRequest(using=[CORE, MAIL, SUBMISSION, VACATION], methodCalls=[]),
-                  {CORE: {}, **backend.capabilities}, 32)
+    assert account[SUBMISSION] == {"maxDelayedSend": 0, "submissionExtensions": {}}
+    assert session["primaryAccounts"][MAIL] == principal.accounts[0].id
+    # What admission checks `using` against: core, websocket plus these.
+    check_request(ApiRequest(using=[CORE, WEBSOCKET, MAIL, SUBMISSION, VACATION], methodCalls=[]),
+                  backend.capabilities_for(principal), 32)
 
 
 def test_session_state_follows_the_account_list(env: Env) -> None:
@@ -288,13 +296,22 @@ async def test_download(bob: Client, env: Env) -> None:
     email_id = await deliver(env, MULTIPART)
     email = await bob.email(email_id, "blobId", "attachments")
     backend: EmbeddedBackend = env.backend
-    assert await backend.download(bob.principal, bob.account_id, email["blobId"]) == MULTIPART
+
+    async def fetch(principal: Any, account: str, blob: str, content_type: str = "") -> tuple[str, bytes]:
+        answer = await backend.download(principal, account, blob, "x", content_type)
+        assert answer.status == 200
+        return answer.headers["Content-Type"], b"".join([c async for c in answer.chunks])
+
+    assert await fetch(bob.principal, bob.account_id, email["blobId"]) == ("message/rfc822", MULTIPART)
     pdf_blob = email["attachments"][0]["blobId"]
-    assert await backend.download(bob.principal, bob.account_id, pdf_blob) == PDF_BYTES
+    assert await fetch(bob.principal, bob.account_id, pdf_blob, "application/pdf") == ("application/pdf", PDF_BYTES)
     alice = env.directory.principal(ALICE)
-    assert await backend.download(alice, bob.account_id, email["blobId"]) is None  # not her account
-    assert await backend.download(alice, alice.account_ids[0], email["blobId"]) is None  # not in her account
-    assert await backend.download(bob.principal, bob.account_id, "Gnope") is None
+    for principal, account, blob in ((alice, bob.account_id, email["blobId"]),  # not her account
+                                     (alice, alice.account_ids[0], email["blobId"]),  # not in her account
+                                     (bob.principal, bob.account_id, "Gnope")):
+        with pytest.raises(HTTPProblem) as info:
+            await backend.download(principal, account, blob, "x", "")
+        assert info.value.status == 404
 
 
 # --- Email/query ---
@@ -398,9 +415,9 @@ async def test_email_set_create_draft_is_a_real_message(bob: Client, env: Env) -
     assert email["subject"] == "Draft plan" and email["from"] == [{"name": "Bob", "email": BOB}]
     assert next(iter(email["bodyValues"].values()))["value"].strip() == "Let's meet."
     assert email["attachments"][0]["name"] == "again.pdf" and email["size"] == created["size"]
-    raw = await env.backend.download(bob.principal, bob.account_id, created["blobId"])
+    raw = await env.backend.blob(bob.principal, bob.account_id, created["blobId"])
     assert raw is not None and b"Subject: Draft plan\r\n" in raw and b"Message-ID: <" in raw
-    assert await env.backend.download(bob.principal, bob.account_id, email["attachments"][0]["blobId"]) == \
+    assert await env.backend.blob(bob.principal, bob.account_id, email["attachments"][0]["blobId"]) == \
         PDF_BYTES
 
 

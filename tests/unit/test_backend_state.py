@@ -349,7 +349,7 @@ async def test_everything_survives_a_restart(tmp_path: Any) -> None:
         changes = await bob.call("Email/changes", {"sinceState": start})
         assert changes["created"] == [delivered, draft]
         blob = created["created"]["d"]["blobId"]
-        raw = await env.backend.download(bob.principal, bob.account_id, blob)
+        raw = await env.backend.blob(bob.principal, bob.account_id, blob)
         assert raw is not None and b"Subject: draft" in raw
 
 

@@ -101,7 +101,7 @@ class Client:
 async def backend_env(db_path: str, users: Sequence[str] = (BOB, ALICE, CAROL), **kwargs: Any
                       ) -> AsyncIterator[Env]:
     directory = Directory([(u, "pw") for u in users])
-    settings = Settings(db=db_path, max_objects_in_get=50, max_objects_in_set=20)
+    settings = Settings.defaults(db=db_path, max_objects_in_get=50, max_objects_in_set=20, smtp_port=0)
     env = Env(backend=None, directory=directory, settings=settings)  # type: ignore[arg-type]
 
     async def publish(events: Sequence[StateChangeEvent]) -> None:

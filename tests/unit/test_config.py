@@ -48,3 +48,15 @@ def test_every_setting_is_in_the_readme_table() -> None:
     assert not missing, f"settings missing from the README table: {missing}"
     unknown = documented - {spec.name for spec in SPECS}
     assert not unknown, f"README documents settings the code does not have: {unknown}"
+
+
+def test_settings_and_specs_are_one_table() -> None:
+    # Every field is read from exactly one spec, so a default can only be written once (in SPECS).
+    import dataclasses
+
+    from gateway.config import Settings
+
+    fields = {f.name for f in dataclasses.fields(Settings)}
+    assert fields == {spec.attr for spec in SPECS}
+    assert all(f.default is dataclasses.MISSING for f in dataclasses.fields(Settings))
+    assert Settings.defaults(port=1).port == 1 and Settings.defaults() == load({})

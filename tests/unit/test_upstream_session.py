@@ -9,7 +9,8 @@ import json
 import pytest
 
 from gateway.directory import account_id_for
-from gateway.upstream.proxy import error_from_upstream, expand
+from gateway.errors import request_error_of
+from gateway.upstream.client import error_from_upstream, expand
 from gateway.upstream.session import (
     Credentials,
     FrontPrincipal,
@@ -91,10 +92,10 @@ def test_upstream_errors_map_to_request_level_errors() -> None:
     assert (err.type_uri, err.status, err.detail, err.limit) == (problem["type"], 400, "too big", "maxSizeRequest")
     for status, type_uri, mapped in ((503, "serverUnavailable", 503), (504, "serverUnavailable", 503),
                                      (500, "serverFail", 500)):
-        err = error_from_upstream(status, b"<html>oops</html>")
-        assert (err.type_uri, err.status) == ("urn:ietf:params:jmap:error:" + type_uri, mapped)
-    assert error_from_upstream(401, b"").status == 401
-    assert error_from_upstream(404, b"{}").status == 404
+        wire = request_error_of(error_from_upstream(status, b"<html>oops</html>"), "r1")
+        assert (wire.type, wire.status, wire.requestId) == ("urn:ietf:params:jmap:error:" + type_uri, mapped, "r1")
+    assert request_error_of(error_from_upstream(401, b""), None).status == 401
+    assert request_error_of(error_from_upstream(404, b"{}"), None).status == 404
 
 
 def test_a_principal_never_shows_its_credentials() -> None:

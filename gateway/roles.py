@@ -1,0 +1,73 @@
+"""How each role composes the ports (DESIGN.md §1): which request path answers, who says who a client is, who keeps
+accounts and their sharing, and how account-list changes reach open sockets. Part of the composition root: the
+rest of the code sees ports, never a role.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from gateway.auth import Authenticator, DirectoryCheck, JwtVerifier, SignedTickets
+from gateway.bus.base import Bus
+from gateway.config import Settings
+from gateway.directory import Delegations, Directory
+from gateway.errors import HTTPProblem
+from gateway.transport.ws import WebSocketService
+from gateway.upstream.base import RequestPath
+
+
+@dataclass(frozen=True, slots=True)
+class Role:
+    name: str
+    request_path: RequestPath
+    auth: Authenticator
+    delegations: Delegations
+    directory: Directory | None  # the embedded directory of users; None when the upstream has the accounts
+    attach: Callable[[WebSocketService], None]  # connects account-list changes to the open sockets
+
+
+def all_in_one(settings: Settings, bus: Bus, directory: Directory, request_path: RequestPath | None = None) -> Role:
+    """The embedded backend answers (or `request_path`, e.g. CoreOnly) and publishes its changes on `bus`; users,
+    passwords and delegations are the directory's."""
+    if request_path is None:
+        from gateway.backend.service import EmbeddedBackend  # the mail store is loaded only in this role
+
+        request_path = EmbeddedBackend(settings, directory, bus.publish)
+    check = DirectoryCheck(directory, JwtVerifier(settings))
+    auth = Authenticator(check, SignedTickets(settings.ticket_secret, settings.ticket_ttl, directory.principal))
+
+    def attach(sockets: WebSocketService) -> None:
+        # A grant or revocation takes effect on the delegate's open sockets at once.
+        directory.add_listener(lambda _owner, delegate, _granted: sockets.refresh_user(delegate, directory.principal))
+
+    return Role("all-in-one", request_path, auth, directory, directory, attach)
+
+
+class UpstreamSharing:
+    """Delegations in front mode: the upstream's business."""
+
+    def grant(self, owner: str, delegate: str) -> bool:
+        raise HTTPProblem(409, "In front mode accounts and their sharing are the upstream server's.")
+
+    def revoke(self, owner: str, delegate: str) -> bool:
+        return self.grant(owner, delegate)
+
+
+def front(settings: Settings) -> Role:
+    """The upstream JMAP server at GATEWAY_UPSTREAM_URL answers requests and validates credentials."""
+    from gateway.upstream.api import ProxyRequestPath
+    from gateway.upstream.auth import HeldTickets, Rechecker, UpstreamCheck
+    from gateway.upstream.client import UpstreamClient
+
+    client = UpstreamClient(settings)
+    path = ProxyRequestPath(settings, client)
+    auth = Authenticator(UpstreamCheck(client, JwtVerifier(settings)), HeldTickets(settings.ticket_ttl))
+
+    def attach(sockets: WebSocketService) -> None:
+        if settings.auth_recheck > 0:
+            # Revoked credentials close their sockets; accounts granted or taken away upstream follow.
+            rechecker = Rechecker(client, settings.auth_recheck, lambda: sockets.connections, sockets.refresh)
+            path.add_background(rechecker.run)
+
+    return Role("front", path, auth, UpstreamSharing(), None, attach)

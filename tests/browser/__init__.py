@@ -1,0 +1,1 @@
+"""Tests in a real browser (headless Chromium from Debian's packages, driven over WebDriver)."""
