@@ -89,7 +89,7 @@ MINUTES = float(os.environ.get("RESUME_MODEL_MINUTES", "0") or 0)
 # failing example is kept in hypothesis' database; `RESUME_MODEL_SHRINK=1` replays and shrinks it.
 SHRINK = os.environ.get("RESUME_MODEL_SHRINK", "") not in ("", "0")
 # One batch for `make test` (about a minute on the shared 2-core machine).
-BATCH = settings(max_examples=14, stateful_step_count=40, deadline=None,
+BATCH = settings(max_examples=10, stateful_step_count=30, deadline=None,
                  phases=[p for p in Phase if SHRINK or p not in (Phase.shrink, Phase.explain)],
                  # Each example starts a gateway process (~1 s): hypothesis would call that slow data generation.
                  suppress_health_check=[HealthCheck.too_slow])
