@@ -49,7 +49,7 @@ from pathlib import Path
 from typing import Any, ClassVar, Literal
 
 import pytest
-from hypothesis import HealthCheck, Phase, event, note, settings
+from hypothesis import Phase, event, note, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, rule, run_state_machine_as_test
 
@@ -89,10 +89,9 @@ MINUTES = float(os.environ.get("RESUME_MODEL_MINUTES", "0") or 0)
 # failing example is kept in hypothesis' database; `RESUME_MODEL_SHRINK=1` replays and shrinks it.
 SHRINK = os.environ.get("RESUME_MODEL_SHRINK", "") not in ("", "0")
 # One batch for `make test` (about a minute on the shared 2-core machine).
+# No health check is suppressed: none fires (the gateway start in __init__ is no data generation).
 BATCH = settings(max_examples=10, stateful_step_count=30, deadline=None,
-                 phases=[p for p in Phase if SHRINK or p not in (Phase.shrink, Phase.explain)],
-                 # Each example starts a gateway process (~1 s): hypothesis would call that slow data generation.
-                 suppress_health_check=[HealthCheck.too_slow])
+                 phases=[p for p in Phase if SHRINK or p not in (Phase.shrink, Phase.explain)])
 
 
 # The actions of the model, each with a weight and its arguments' strategies. They are drawn by one rule
