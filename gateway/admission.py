@@ -7,7 +7,7 @@ from __future__ import annotations
 from collections.abc import Collection, Iterator
 from contextlib import contextmanager
 
-from gateway.errors import LIMIT, UNKNOWN_CAPABILITY, RequestLevelError
+from gateway.errors import LIMIT, UNKNOWN_CAPABILITY, HTTPProblem, RequestLevelError
 from gateway.jmap.types import ApiRequest
 
 
@@ -58,3 +58,32 @@ class UserLimiter:
 
     def in_flight(self, username: str) -> int:
         return self._in_flight.get(username, 0)
+
+
+class UserCounts:
+    """Connections (WebSockets and event streams) per user on this process, for GATEWAY_MAX_CONNECTIONS_PER_USER."""
+
+    __slots__ = ("_open",)
+
+    def __init__(self) -> None:
+        self._open: dict[str, int] = {}
+
+    def admit(self, username: str, limit: int) -> None:
+        """HTTPProblem(429) when `username` already holds `limit` connections."""
+        count = self._open.get(username, 0)
+        if count >= limit:
+            raise HTTPProblem(429, f"{username} already has {count} connections on this server.",
+                              headers={"Retry-After": "10"})
+
+    def opened(self, username: str) -> None:
+        self._open[username] = self._open.get(username, 0) + 1
+
+    def closed(self, username: str) -> None:
+        n = self._open.get(username, 1) - 1
+        if n <= 0:
+            self._open.pop(username, None)
+        else:
+            self._open[username] = n
+
+    def of(self, username: str) -> int:
+        return self._open.get(username, 0)

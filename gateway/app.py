@@ -17,7 +17,7 @@ from aiohttp import web
 from prometheus_client.core import GaugeMetricFamily
 
 from gateway import native, roles
-from gateway.admission import UserLimiter
+from gateway.admission import UserCounts, UserLimiter
 from gateway.bus.base import Bus
 from gateway.config import Settings
 from gateway.deflate import Compression
@@ -25,8 +25,9 @@ from gateway.directory import Directory
 from gateway.fanout.hub import Hub
 from gateway.metrics import Metrics, counter, counters, gauge
 from gateway.session import Session
-from gateway.transport.front import FrontProtocol
+from gateway.transport.front import FrontProtocol, RequestHead, UpgradeHandler
 from gateway.transport.http import HttpServices, build_app
+from gateway.transport.sse import EVENT_SOURCE_PATHS, EventSourceService
 from gateway.transport.ws import UpgradeAuth, WebSocketService, WsConnection
 from gateway.upstream.base import RequestPath, SessionContext
 
@@ -70,9 +71,12 @@ class Gateway:
         self.hub = Hub(self.bus, self.request_path.current_states, self.broadcast,
                        coalesce_ms=settings.push_coalesce_ms, compress=self.compression.compress)
         self.hub.stats.fanout_seconds = self.metrics.fanout.observe
+        counts = UserCounts()  # GATEWAY_MAX_CONNECTIONS_PER_USER counts WebSockets and event streams together
         self.websockets = WebSocketService(settings, self.auth, self.request_path, self.hub, self.compression,
                                            self.coalesce, self.broadcast, self.metrics, session_class=session_class,
-                                           upgrade_auth=upgrade_auth)
+                                           upgrade_auth=upgrade_auth, counts=counts)
+        self.eventsource = EventSourceService(settings, self.auth, self.hub, self.broadcast, self.metrics, counts,
+                                              lambda: self.websockets.wheel)
         role.attach(self.websockets)
         self.http = HttpServices(settings, self.auth, self.request_path, UserLimiter(settings.max_concurrent_requests),
                                  self.bus, role.delegations, self.metrics, self.readiness, self.context)
@@ -97,7 +101,7 @@ class Gateway:
         http_factory = self._runner.server
         assert http_factory is not None
         self._server = await loop.create_server(
-            lambda: FrontProtocol(WS_PATHS, self.websockets.accept, http_factory, self.websockets.track),
+            lambda: FrontProtocol(self.route, http_factory, self.websockets.track),
             self.settings.host, self.settings.port, reuse_port=self.settings.workers > 1, backlog=4096)
         self.port = self._server.sockets[0].getsockname()[1]
         log.info("listening on %s:%d (role: %s, coalescer: %s, broadcast: %s, bus: %s, node %s)", self.settings.host,
@@ -109,6 +113,7 @@ class Gateway:
         bus and the request path. Returns (sockets closed, in-flight requests finished)."""
         if self._server is not None:
             self._server.close()
+        self.eventsource.close_all()
         figures = await self.websockets.shutdown(self.settings.shutdown_grace if grace is None else grace)
         if self._runner is not None:
             await self._runner.cleanup()
@@ -116,6 +121,12 @@ class Gateway:
         await self.bus.stop()
         await self.request_path.stop()
         return figures
+
+    def route(self, head: RequestHead) -> UpgradeHandler | None:
+        """Who takes a connection over after its request head; None: the HTTP surface answers."""
+        if head.is_websocket_upgrade:
+            return self.websockets.accept if head.path in WS_PATHS else None
+        return self.eventsource.accept if head.path in EVENT_SOURCE_PATHS else None
 
     def readiness(self) -> dict[str, bool]:
         return {"bus": self.bus.ready, "listening": self._server is not None and self._server.is_serving()}

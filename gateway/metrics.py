@@ -28,13 +28,15 @@ class Metrics:
         self.registry = CollectorRegistry(auto_describe=True)
         r = self.registry
         self.connections = Gauge("gateway_connections_open", "Open WebSocket connections", registry=r)
+        self.eventsource_connections = Gauge("gateway_eventsource_connections_open",
+                                             "Open event-source (RFC 8620 §7.3) streams", registry=r)
         self.upgrades = Counter("gateway_upgrades_total", "WebSocket upgrades by outcome", ["outcome"], registry=r)
         self.messages_in = Counter("gateway_messages_in_total", "Client messages received", registry=r)
         self.messages_out = Counter("gateway_messages_out_total", "Messages sent by type", ["type"], registry=r)
         self.request_errors = Counter("gateway_request_errors_total", "RequestErrors sent by type", ["type"],
                                       registry=r)
         self.closes = Counter("gateway_close_codes_total", "WebSocket closes by code", ["code"], registry=r)
-        self.fanout = Histogram("gateway_fanout_seconds", "Event in to last write, per account and event",
+        self.fanout = Histogram("gateway_fanout_seconds", "A bus batch in to its last write (one batch: one loop turn)",
                                 buckets=(1e-5, 5e-5, 1e-4, 5e-4, 1e-3, 5e-3, 0.01, 0.05, 0.1, 0.5, 1.0), registry=r)
         self.slow_closes = Counter("gateway_slow_client_closes_total", "Sockets closed for being too slow",
                                    registry=r)

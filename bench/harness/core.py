@@ -27,7 +27,7 @@ from hdrh.histogram import HdrHistogram
 
 from bench.harness import systems as sysmod
 from bench.harness.loadgen import worker_main
-from bench.harness.publisher import AmqpPublisher, HttpPublisher
+from bench.harness.publisher import AmqpPublisher, HttpPublisher, NdjsonPublisher
 
 HIST_MAX_US = 120_000_000
 DEFAULT_PAD = 330  # pushState length of the gateway's pushes in these layouts (calibrated at run time if it runs)
@@ -317,7 +317,12 @@ class Bench:
     async def start_system(self, name: str, users: Sequence[str] = (), deflate: bool = False) -> sysmod.System:
         kw: dict[str, Any] = {"server_cpus": self.args.server_cpus, "deflate": deflate, "users": users,
                               "logdir": self.logdir}
-        s = sysmod.Gateway(bus="amqp", **kw) if name == "gateway-amqp" else sysmod.SYSTEMS[name](**kw)
+        if name == "gateway-amqp":
+            s: sysmod.System = sysmod.Gateway(bus="amqp", **kw)
+        elif name == "gateway-post":
+            s = sysmod.Gateway(publish="post", **kw)
+        else:
+            s = sysmod.SYSTEMS[name](**kw)
         s.pad = self.pad
         self.running.append(s)
         await s.start()
@@ -325,7 +330,9 @@ class Bench:
 
     async def stop_system(self, s: sysmod.System) -> None:
         pub = self.publishers.pop(s.name, None)
-        if isinstance(pub, HttpPublisher):
+        if isinstance(pub, NdjsonPublisher):
+            await pub.aclose()
+        elif isinstance(pub, HttpPublisher):
             pub.close()
         elif isinstance(pub, AmqpPublisher):
             with contextlib.suppress(Exception):
@@ -414,6 +421,9 @@ class Bench:
         if pub is None:
             if s.publish_via == "amqp":
                 pub = AmqpPublisher()
+            elif s.publish_via == "ndjson":
+                assert isinstance(s, sysmod.Gateway)
+                pub = NdjsonPublisher("127.0.0.1", s.pub_port, s.stream_head(), self.args.pub_connections)
             else:
                 pub = HttpPublisher("127.0.0.1", s.pub_port, self.args.pub_connections)
             await pub.open()
@@ -508,7 +518,7 @@ class Bench:
         sent = 0
         aborted = None
         choose = self.rng.choice
-        http = s.publish_via == "http"
+        http = s.publish_via in ("http", "ndjson")
         while True:
             now = time.monotonic_ns()
             if now >= end:

@@ -192,3 +192,92 @@ class AmqpPublisher:
         if self.connection is not None:
             await self.connection.close()
             self.connection = None
+
+
+class _Stream(asyncio.Protocol):
+    def __init__(self, owner: NdjsonPublisher) -> None:
+        self.owner = owner
+        self.transport: asyncio.Transport | None = None
+        self.answer = bytearray()
+        self.done: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+
+    def data_received(self, data: bytes) -> None:
+        self.answer += data  # only at the end of the stream (or an early error answer)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if not self.done.done():
+            self.done.set_result(bytes(self.answer))
+
+
+class NdjsonPublisher:
+    """The gateway's injector path: a few long `POST /admin/events` requests in `application/x-ndjson`, one event
+    per line, each written as one chunk (chunked transfer coding). Open loop like HttpPublisher, but there is no
+    answer per event: the gateway answers each stream once, when it ends, with how many events it accepted, which
+    `aclose` checks against what was sent."""
+
+    def __init__(self, host: str, port: int, head: bytes, connections: int = 1) -> None:
+        self.host = host
+        self.port = port
+        self.head = head
+        self.n = max(1, connections)
+        self.streams: list[_Stream] = []
+        self.sent = 0
+        self.ok = 0
+        self.errors = 0
+        self.lost = 0
+        self.first_error: str | None = None
+        self._i = 0
+
+    async def open(self) -> None:
+        loop = asyncio.get_running_loop()
+        for _ in range(self.n):
+            _, stream = await loop.create_connection(lambda: _Stream(self), self.host, self.port)
+            assert stream.transport is not None
+            stream.transport.write(self.head)
+            self.streams.append(stream)
+
+    @property
+    def outstanding(self) -> int:
+        return 0
+
+    def publish(self, line: bytes) -> None:
+        stream = self.streams[self._i % self.n]
+        self._i += 1
+        self.sent += 1
+        if stream.done.done() or stream.transport is None:
+            self.errors += 1
+            if self.first_error is None:
+                self.first_error = f"the gateway ended an event stream early: {bytes(stream.answer)[:200]!r}"
+            return
+        stream.transport.write(b"%x\r\n%s\r\n" % (len(line), line))
+
+    async def drain(self, timeout: float) -> bool:
+        return True
+
+    async def aclose(self) -> None:
+        """End every stream; its answer must count every event written to it."""
+        accepted = 0
+        for stream in self.streams:
+            if stream.transport is not None and not stream.done.done():
+                stream.transport.write(b"0\r\n\r\n")
+            try:
+                answer = await asyncio.wait_for(asyncio.shield(stream.done), 5)
+            except TimeoutError:
+                answer = bytes(stream.answer)
+            if stream.transport is not None:
+                stream.transport.close()
+            head, _, body = answer.partition(b"\r\n\r\n")
+            if b" 202 " in head.split(b"\r\n", 1)[0]:
+                marker = body.find(b'"accepted":')
+                if marker >= 0:
+                    digits = body[marker + 11:].split(b"}", 1)[0].strip()
+                    accepted += int(digits or 0)
+            elif self.first_error is None:
+                self.first_error = f"event stream answered {answer[:200]!r}"
+        self.ok = accepted
+        if accepted < self.sent - self.errors and self.first_error is None:
+            self.first_error = f"the gateway accepted {accepted} of {self.sent} streamed events"
+        self.streams = []

@@ -28,8 +28,11 @@ from bench.harness.core import (
     summarize,
 )
 
-SINGLE = ("gateway", "nchan", "node-ws", "websockets", "floor")
+SINGLE = ("gateway", "gateway-post", "nchan", "node-ws", "websockets", "floor")
 PEERS = ("gateway", "nchan", "node-ws", "websockets")
+# The publish-path scenarios also run the gateway fed one POST per event (the peers' contract), beside the NDJSON
+# stream its injectors use, so that both figures come from one run.
+PUBLISHING = ("gateway", "gateway-post", "nchan", "node-ws", "websockets")
 P99_LIMIT_US = 50_000
 
 
@@ -178,7 +181,7 @@ async def many_accounts(b: Bench) -> dict[str, Any]:
         b.progress.scenario = f"2 many accounts {sessions} sessions / {accounts} accounts"
         per = sessions // accounts
         users = [f"u{i:05d}" for i in range(accounts)]
-        systems = await _start_all(b, b.usable(PEERS), users)
+        systems = await _start_all(b, b.usable(PUBLISHING), users)
         res: dict[str, Any] = {"sessions": sessions, "accounts": accounts, "systems": {}, "connect": {}}
         try:
             for s in sorted(systems, key=lambda x: not x.gateway):
@@ -622,6 +625,18 @@ async def profile(b: Bench) -> dict[str, Any]:
         out["py_spy_stderr"] = err.decode(errors="replace")[-500:]
         if raw.exists():
             out["top_self"], out["top_inclusive"], out["samples"] = _summarize_stacks(raw)
+        # The same load once more, recorded as a flame graph (an SVG picture) for bench/results.
+        svg = Path(a.out) / f"profile-gateway-k{k}-flamegraph.svg"
+        spy = subprocess.Popen([str(Path(sys.executable).parent / "py-spy"), "record", "--pid", str(s.pids()[0]),
+                                "--native", "--rate", "250", "--format", "flamegraph", "--duration",
+                                str(int(a.profile_seconds)), "--output", str(svg)],
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+        deadline = time.monotonic() + a.profile_seconds
+        await asyncio.sleep(0.5)
+        while time.monotonic() < deadline and spy.poll() is None:
+            await _fanout_series(b, s, user, k, 1)
+        await asyncio.get_running_loop().run_in_executor(None, spy.wait)
+        out["flamegraph"] = svg.name if svg.exists() else None
         await b.notify(False)
     finally:
         await b.disconnect()

@@ -293,13 +293,20 @@ class Gateway(System):
     label = "jmap-push-gateway"
     gateway = True
 
-    def __init__(self, *, bus: str = "memory", **kw: Any) -> None:
+    def __init__(self, *, bus: str = "memory", publish: str = "ndjson", **kw: Any) -> None:
+        """`publish`: "ndjson" streams events to `POST /admin/events` (one long request, a line per event, the
+        injector path issue 13 built), "post" sends one request per event (the peers' contract)."""
         super().__init__(**kw)
         self.bus = bus
+        self.publish_via = publish
         if bus != "memory":
             self.name = f"gateway-{bus}"
             self.label = f"jmap-push-gateway ({bus})"
             self.publish_via = bus
+        elif publish == "post":
+            self.name = "gateway-post"
+            self.label = "jmap-push-gateway (a POST per event)"
+            self.publish_via = "http"
 
     def command(self) -> tuple[list[str], dict[str, str], Path | None]:
         users = ",".join(f"{u}:{PASSWORD}" for u in self.users)
@@ -335,10 +342,17 @@ class Gateway(System):
                 f'"username":"{user}","typeStates":{{{states}}}}}').encode()
 
     def pub_request(self, user: str, state: str, seq: int) -> bytes:
+        if self.publish_via == "ndjson":
+            return self.event(user, state, seq) + b"\n"  # one line of the stream
         body = self.event(user, state, seq)
         return (b"POST /admin/events HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
                 b"Authorization: Bearer " + ADMIN_TOKEN.encode() + b"\r\n"
                 b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
+
+    def stream_head(self) -> bytes:
+        """The head of the NDJSON stream request (chunked: it lasts as long as the publisher)."""
+        return (b"POST /admin/events HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/x-ndjson\r\n"
+                b"Authorization: Bearer " + ADMIN_TOKEN.encode() + b"\r\nTransfer-Encoding: chunked\r\n\r\n")
 
 
 class Nchan(System):

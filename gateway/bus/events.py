@@ -1,6 +1,6 @@
 """Apache James's `StateChangeEvent` wire format (DESIGN.md §5) and its codec. No I/O here.
 
-A body is one JSON object or an array of them:
+A body is one JSON object or an array of them (or, for HTTP injectors, NDJSON: one of those per line):
 `{"type":"org.apache.james.jmap.change.StateChangeEvent","eventId":"<uuid>","username":"bob@domain.tld",
 "typeStates":{"Mailbox":"<state>","Email":"<state>",...}}`. Older James versions write the states as
 `mailboxState` / `emailState` / `vacationResponseState` / `emailDeliveryState` instead of `typeStates`.
@@ -51,6 +51,7 @@ class _WireEvent(msgspec.Struct):
 
 
 _decoder = msgspec.json.Decoder(_WireEvent | list[_WireEvent])
+_line_decoder = msgspec.json.Decoder(_WireEvent | list[_WireEvent])
 _encoder = msgspec.json.Encoder()
 
 
@@ -76,6 +77,22 @@ def decode_events(body: bytes | bytearray | memoryview) -> list[StateChangeEvent
         raise EventDecodeError(str(exc)) from None
     items = decoded if isinstance(decoded, list) else [decoded]
     return [_from_wire(w) for w in items]
+
+
+def decode_event_lines(body: bytes | bytearray | memoryview) -> list[StateChangeEvent]:
+    """Decode newline-delimited JSON (NDJSON): each non-blank line one event or an array of them; raise
+    EventDecodeError when any line is not."""
+    try:
+        decoded: list[Any] = _line_decoder.decode_lines(body)
+    except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+        raise EventDecodeError(str(exc)) from None
+    out: list[StateChangeEvent] = []
+    for item in decoded:
+        if isinstance(item, list):
+            out.extend(_from_wire(w) for w in item)
+        else:
+            out.append(_from_wire(item))
+    return out
 
 
 def encode_events(events: list[StateChangeEvent]) -> bytes:

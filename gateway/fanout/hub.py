@@ -37,13 +37,16 @@ import msgspec
 from gateway.bus.base import Bus
 from gateway.bus.events import StateChangeEvent
 from gateway.directory import Principal, account_id_for
+from gateway.eventstream import state_event
 from gateway.fanout import pushstate
 from gateway.jmap.types import StateChange
 
 log = logging.getLogger(__name__)
 
 StatesSource = Callable[[Principal, Sequence[str]], Awaitable[dict[str, dict[str, str]]]]
-VariantKey = tuple[tuple[str, ...], frozenset[str] | None]
+# (covered accounts, dataTypes filter, framing): what makes the bytes of a push differ.
+VariantKey = tuple[tuple[str, ...], frozenset[str] | None, int]
+WEBSOCKET, EVENT_SOURCE = 0, 1  # framings: an RFC 8887 StateChange message, an RFC 8620 §7.3 `state` event
 
 HEADROOM = 14
 TEXT = 1
@@ -71,11 +74,12 @@ class HubStats:
 class Subscription:
     __slots__ = ("data_types", "key", "principal", "target")
 
-    def __init__(self, target: Any, principal: Principal, data_types: frozenset[str] | None) -> None:
+    def __init__(self, target: Any, principal: Principal, data_types: frozenset[str] | None,
+                 framing: int = WEBSOCKET) -> None:
         self.target = target
         self.principal = principal
         self.data_types = data_types
-        self.key: VariantKey = (tuple(principal.account_ids), data_types)
+        self.key: VariantKey = (tuple(principal.account_ids), data_types, framing)
 
 
 class Group:
@@ -108,6 +112,9 @@ class Hub:
         self._index: dict[str, dict[VariantKey, Group]] = {}
         self._subs: dict[Any, Subscription] = {}  # target -> its subscription
         self._owner_refs: dict[str, int] = {}
+        # owner username -> ids of the covered accounts it owns (with the subscriptions covering each): events name
+        # the owner; the upstream's session says which id its account has (James: SHA-256 of it; others differ).
+        self._owner_accounts: dict[str, dict[str, int]] = {}
         # Live states of covered accounts only (the module docstring says when they are trusted).
         self._states: dict[str, dict[str, str]] = {}
         self._complete: set[str] = set()  # covered accounts read from the request path since coverage began
@@ -135,11 +142,12 @@ class Hub:
     def subscription(self, target: Any) -> Subscription | None:
         return self._subs.get(target)
 
-    def subscribe(self, target: Any, principal: Principal, data_types: frozenset[str] | None) -> Subscription:
-        """RFC 8887 §4.3.5.2, the synchronous half: (re)place the session's subscription now, so that no event
-        arriving from here on is missed. `resume` is the other half."""
+    def subscribe(self, target: Any, principal: Principal, data_types: frozenset[str] | None,
+                  framing: int = WEBSOCKET) -> Subscription:
+        """RFC 8887 §4.3.5.2 (and an event-source connection, RFC 8620 §7.3), the synchronous half: (re)place the
+        session's subscription now, so that no event arriving from here on is missed. `resume` is the other half."""
         self.disable(target)  # a second enable replaces the first (DESIGN.md §4)
-        sub = Subscription(target, principal, data_types)
+        sub = Subscription(target, principal, data_types, framing)
         self._register(sub)
         return sub
 
@@ -154,9 +162,9 @@ class Hub:
         return self._resume(sub, push_state, still_open)
 
     async def enable(self, target: Any, principal: Principal, data_types: frozenset[str] | None,
-                     push_state: str | None, still_open: Callable[[], bool]) -> None:
+                     push_state: str | None, still_open: Callable[[], bool], framing: int = WEBSOCKET) -> None:
         """`subscribe` then `resume`, for callers that simply wait for both."""
-        rest = self.resume(self.subscribe(target, principal, data_types), push_state, still_open)
+        rest = self.resume(self.subscribe(target, principal, data_types, framing), push_state, still_open)
         if rest is not None:
             await rest
 
@@ -207,6 +215,8 @@ class Hub:
             if target.deflate:
                 group.deflate_count += 1
         for account in sub.principal.accounts:
+            ids = self._owner_accounts.setdefault(account.owner, {})
+            ids[account.id] = ids.get(account.id, 0) + 1
             n = self._owner_refs.get(account.owner, 0)
             self._owner_refs[account.owner] = n + 1
             if n == 0:
@@ -233,6 +243,15 @@ class Hub:
                 del self._index[acc]
                 self._uncover(acc)
         for account in sub.principal.accounts:
+            ids = self._owner_accounts.get(account.owner)
+            if ids is not None:
+                left = ids.get(account.id, 1) - 1
+                if left > 0:
+                    ids[account.id] = left
+                else:
+                    ids.pop(account.id, None)
+                    if not ids:
+                        del self._owner_accounts[account.owner]
             n = self._owner_refs.get(account.owner, 0) - 1
             if n <= 0:
                 self._owner_refs.pop(account.owner, None)
@@ -349,29 +368,63 @@ class Hub:
         return acc
 
     def on_events(self, events: Sequence[StateChangeEvent]) -> None:
-        """The bus handler: take events synchronously (never awaits)."""
-        watches = self._watches
-        for event in events:
-            self.stats.events += 1
-            acc = self.account_id(event.username)
-            if watches:
-                for watch in watches:
-                    moved = watch.get(acc)
-                    if moved is not None:
-                        moved.update(event.typeStates)
-            known = self._states.get(acc)
-            if known is None:
-                # Nobody here covers this account (a delayed unbind): only the ledger may learn something.
-                if acc in self._ledger:
-                    self._remember(acc, event.typeStates)
-                continue
-            known.update(event.typeStates)
-            if self._coalesce:
-                self._window.setdefault(acc, {}).update(event.typeStates)
-                if self._window_handle is None:
-                    self._window_handle = asyncio.get_running_loop().call_later(self._coalesce, self._flush_window)
-                continue
-            self.deliver(acc, event.typeStates)
+        """The bus handler: take a batch of events synchronously (never awaits).
+
+        Events of one batch are merged per account first (newest state per type wins, as a paused socket's pending
+        push does), so an account moved several times in one batch is encoded once per variant and written once
+        per socket: one StateChange, one send(2)."""
+        started = time.perf_counter()
+        self.stats.events += len(events)
+        owners = self._owner_accounts
+        if len(events) == 1:
+            event = events[0]
+            for acc in owners.get(event.username) or self._uncovered(event.username):
+                changed = self._take(acc, event.typeStates)
+                if changed is not None:
+                    self._push(acc, changed)
+        else:
+            merged: dict[str, dict[str, str]] = {}
+            for event in events:
+                for acc in owners.get(event.username) or self._uncovered(event.username):
+                    if self._take(acc, event.typeStates) is None:
+                        continue
+                    states = merged.get(acc)
+                    if states is None:
+                        merged[acc] = dict(event.typeStates)
+                    else:
+                        states.update(event.typeStates)
+            for acc, states in merged.items():
+                self._push(acc, states)
+        self.stats.fanout_seconds(time.perf_counter() - started)
+
+    def _uncovered(self, username: str) -> tuple[str, ...]:
+        """An event for an owner no local session covers: only its ledger entry (James's id) may learn from it."""
+        acc = self.account_id(username)
+        return (acc,) if acc in self._ledger else ()
+
+    def _take(self, acc: str, type_states: dict[str, str]) -> dict[str, str] | None:
+        """Record one event's states; the states to push when a local session covers the account."""
+        if self._watches:
+            for watch in self._watches:
+                moved = watch.get(acc)
+                if moved is not None:
+                    moved.update(type_states)
+        known = self._states.get(acc)
+        if known is None:
+            # Nobody here covers this account (a delayed unbind): only the ledger may learn something.
+            if acc in self._ledger:
+                self._remember(acc, type_states)
+            return None
+        known.update(type_states)
+        return type_states
+
+    def _push(self, acc: str, type_states: dict[str, str]) -> None:
+        if self._coalesce:
+            self._window.setdefault(acc, {}).update(type_states)
+            if self._window_handle is None:
+                self._window_handle = asyncio.get_running_loop().call_later(self._coalesce, self._flush_window)
+            return
+        self.deliver(acc, type_states)
 
     def _flush_window(self) -> None:
         # GATEWAY_PUSH_COALESCE_MS: every change of the window goes out as one StateChange per account.
@@ -381,35 +434,51 @@ class Hub:
             self.deliver(acc, states)
 
     def deliver(self, account_id: str, type_states: dict[str, str]) -> int:
-        """Write one StateChange per variant of `account_id` to all its targets. Returns targets written."""
+        """Write one StateChange per variant of `account_id` to all its targets. Returns targets written.
+
+        The StateChange is encoded once per (coverage, filter); a WebSocket group and an event-source group of the
+        same kind share that JSON and differ only in framing."""
         groups = self._index.get(account_id)
         if not groups:
             return 0
-        started = time.perf_counter()
         written = 0
         total = 0
+        # Several variants of one account: each (coverage, filter)'s JSON is encoded once, whatever its framings.
+        encoded: dict[tuple[tuple[str, ...], frozenset[str] | None], tuple[bytearray, str]] = {}
         for key, group in list(groups.items()):
             changed = _filter(type_states, key[1])
             if not changed:
                 continue
-            message = StateChange(changed={account_id: changed}, pushState=pushstate.encode(self._snapshot(key)))
-            plain = bytearray(HEADROOM)
-            self._encoder.encode_into(message, plain, HEADROOM)
+            done = encoded.get(key[:2])
+            if done is None:
+                done = encoded[key[:2]] = self._encode(account_id, changed, key)
+            raw, token = done
             compressed = None
-            if group.deflate_count and self._compress is not None:
-                # Compress once for every recipient that negotiated permessage-deflate (DESIGN.md §3).
-                deflated = self._compress(memoryview(plain)[HEADROOM:])
-                if deflated is not None:
-                    compressed = bytearray(HEADROOM) + deflated
-            written += self._broadcast(group.targets, plain, compressed, account_id, changed)
-            total += len(group.targets)
+            if key[2] == EVENT_SOURCE:
+                plain = bytearray(HEADROOM) + state_event(memoryview(raw)[HEADROOM:], token)
+            else:
+                plain = raw
+                if group.deflate_count and self._compress is not None:
+                    # Compress once for every recipient that negotiated permessage-deflate (DESIGN.md §3).
+                    deflated = self._compress(memoryview(raw)[HEADROOM:])
+                    if deflated is not None:
+                        compressed = bytearray(HEADROOM) + deflated
+            targets = group.targets
+            written += self._broadcast(targets, plain, compressed, account_id, changed)
+            total += len(targets)
         self.stats.pushes += written
         self.stats.merged += total - written
-        self.stats.fanout_seconds(time.perf_counter() - started)
         return written
 
+    def _encode(self, account_id: str, changed: dict[str, str], key: VariantKey) -> tuple[bytearray, str]:
+        """The StateChange JSON after HEADROOM bytes (room for the WebSocket frame header), and its pushState."""
+        token = pushstate.encode(self._snapshot(key))
+        plain = bytearray(HEADROOM)
+        self._encoder.encode_into(StateChange(changed={account_id: changed}, pushState=token), plain, HEADROOM)
+        return plain, token
+
     def _snapshot(self, key: VariantKey) -> dict[str, dict[str, str]]:
-        accounts, types = key
+        accounts, types, _ = key
         return {acc: _filter(self._states.get(acc, {}), types) for acc in accounts}
 
     def _merge_into(self, target: Any, changes: dict[str, dict[str, str]]) -> None:
@@ -427,6 +496,8 @@ class Hub:
             return None
         token = pushstate.encode(self._snapshot(sub.key))
         payload = self._encoder.encode(StateChange(changed=pending, pushState=token))
+        if sub.key[2] == EVENT_SOURCE:
+            payload = state_event(payload, token)
         self.send_one(target, payload)
         self.stats.pushes += 1
         return payload

@@ -1,8 +1,9 @@
 """The front protocol: reads the head of the first HTTP request on a connection, then hands the connection on.
 
-A WebSocket upgrade of `/jmap/ws` is authenticated here (asynchronously, which picows' synchronous upgrade hook
-cannot do), then the connection is given to a picows `WSProtocol` that replays the head and completes the
-handshake. Every other request goes to the aiohttp server protocol. Refusals of an upgrade (400/401/429/503) are
+A router picks who takes the connection over: a WebSocket upgrade of `/jmap/ws` is authenticated (asynchronously,
+which picows' synchronous upgrade hook cannot do), then given to a picows `WSProtocol` that replays the head and
+completes the handshake; an event stream (`/jmap/eventsource/`) to its own protocol. Every other request goes to
+the aiohttp server protocol. Refusals of an upgrade (400/401/429/503) are
 written here as RFC 7807 problem responses (gateway.errors.problem_response) before any WebSocket frame.
 """
 
@@ -65,16 +66,16 @@ class RequestHead:
 
 
 UpgradeHandler = Callable[[RequestHead, asyncio.Transport, bytes], Awaitable[None]]
+# Which handler takes a connection over after its head (a WebSocket upgrade, an event stream), or None for HTTP.
+Router = Callable[[RequestHead], UpgradeHandler | None]
 HttpFactory = Callable[[], asyncio.Protocol]
 
 
 class FrontProtocol(asyncio.Protocol):
     """Routes one new connection, then gets out of the way (it is replaced with transport.set_protocol)."""
 
-    def __init__(self, ws_paths: frozenset[str], on_upgrade: UpgradeHandler, http_factory: HttpFactory,
-                 track: Callable[[asyncio.Task[Any]], None]) -> None:
-        self._ws_paths = ws_paths
-        self._on_upgrade = on_upgrade
+    def __init__(self, route: Router, http_factory: HttpFactory, track: Callable[[asyncio.Task[Any]], None]) -> None:
+        self._route = route
         self._http_factory = http_factory
         self._track = track
         self._buffer = bytearray()
@@ -112,9 +113,10 @@ class FrontProtocol(asyncio.Protocol):
         if self._timeout is not None:
             self._timeout.cancel()
         self._routed = True
-        if head.is_websocket_upgrade and head.path in self._ws_paths:
+        handler = self._route(head)
+        if handler is not None:
             transport.pause_reading()
-            task = asyncio.get_running_loop().create_task(self._upgrade(head))
+            task = asyncio.get_running_loop().create_task(self._take_over(head, handler))
             self._track(task)
             return
         proto = self._http_factory()
@@ -123,11 +125,11 @@ class FrontProtocol(asyncio.Protocol):
         proto.data_received(bytes(self._buffer))
         self._buffer = bytearray()
 
-    async def _upgrade(self, head: RequestHead) -> None:
+    async def _take_over(self, head: RequestHead, handler: UpgradeHandler) -> None:
         transport = self._transport
         assert transport is not None
         try:
-            await self._on_upgrade(head, transport, bytes(self._buffer))
+            await handler(head, transport, bytes(self._buffer))
             # The transport may keep a reference to this object after set_protocol; keep nothing alive with it.
             self._buffer = bytearray()
             self._transport = None

@@ -19,7 +19,7 @@ from aiohttp import web
 from gateway.admission import UserLimiter, check_request
 from gateway.auth import Authenticator
 from gateway.bus.base import Bus
-from gateway.bus.events import EventDecodeError, decode_events
+from gateway.bus.events import EventDecodeError, StateChangeEvent, decode_event_lines, decode_events
 from gateway.config import Settings
 from gateway.directory import Delegations, Principal
 from gateway.errors import LIMIT, PROBLEM_CONTENT_TYPE, GatewayError, HTTPProblem, RequestLevelError, problem_of
@@ -159,8 +159,15 @@ async def metrics(request: web.Request) -> web.Response:
     return web.Response(body=request.app[SERVICES].metrics.render(), headers={"Content-Type": METRICS_CONTENT_TYPE})
 
 
+NDJSON = "application/x-ndjson"
+
+
 async def admin_events(request: web.Request) -> web.Response:
+    """Publish Apache James StateChangeEvents on the bus: one or an array as JSON, or a stream of them as NDJSON
+    (`application/x-ndjson`, one per line, for as long as the request lasts)."""
     services = _admin(request)
+    if request.content_type == NDJSON:
+        return await _event_stream(request, services)
     body = await _body(request, services.settings.max_size_request, HTTPProblem(413, "The body is too large."))
     try:
         events = decode_events(body)
@@ -169,6 +176,53 @@ async def admin_events(request: web.Request) -> web.Response:
     # A bus that cannot take events now (the broker is away) raises Unavailable: 503, nothing was published.
     await services.bus.publish(events)
     return _json_response({"accepted": len(events)}, status=202)
+
+
+async def _event_stream(request: web.Request, services: HttpServices) -> web.Response:
+    """An injector's stream: whatever complete lines arrived together are decoded and published as one batch (one
+    bus call; on the memory bus one hub batch), so a busy stream costs aiohttp one request, not one per event.
+
+    A line that is no event, or longer than GATEWAY_MAX_SIZE_REQUEST, ends the stream with 400/413; the events of
+    the lines before it were published (the answer's detail says how many)."""
+    limit = services.settings.max_size_request
+    pending = bytearray()
+    accepted = 0
+
+    async def publish(lines: bytes | bytearray) -> None:
+        nonlocal accepted
+        try:
+            events = decode_event_lines(lines)
+        except EventDecodeError:
+            # Rare: find the bad line, so that the lines before it are published as promised.
+            good: list[StateChangeEvent] = []
+            for number, line in enumerate(bytes(lines).split(b"\n"), 1):
+                try:
+                    good.extend(decode_event_lines(line))
+                except EventDecodeError as exc:
+                    if good:
+                        await services.bus.publish(good)
+                        accepted += len(good)
+                    raise HTTPProblem(400, f"Line {number} of a chunk is not a StateChangeEvent or an array of "
+                                      f"them: {exc}; the {accepted} events before it were published.") from None
+            events = good
+        if events:
+            await services.bus.publish(events)
+            accepted += len(events)
+
+    async for chunk in request.content.iter_any():
+        pending += chunk
+        end = pending.rfind(b"\n")
+        if end < 0:
+            if len(pending) > limit:
+                raise HTTPProblem(413, f"A line is longer than {limit} bytes; the {accepted} events before it "
+                                  "were published.")
+            continue
+        lines = bytes(pending[:end + 1])
+        del pending[:end + 1]
+        await publish(lines)
+    if pending.strip():
+        await publish(pending)
+    return _json_response({"accepted": accepted}, status=202)
 
 
 async def admin_delegation(request: web.Request) -> web.Response:
@@ -219,11 +273,6 @@ async def upload(request: web.Request) -> web.Response:
     return web.Response(status=answer.status, body=body, headers=answer.headers)
 
 
-async def not_implemented(request: web.Request) -> web.Response:
-    await _principal(request)
-    raise HTTPProblem(501, "This endpoint is advertised by RFC 8620 but not implemented by this gateway yet.")
-
-
 def build_app(services: HttpServices) -> web.Application:
     app = web.Application(middlewares=[problems], client_max_size=services.settings.max_size_request + 1)
     app[SERVICES] = services
@@ -240,5 +289,4 @@ def build_app(services: HttpServices) -> web.Application:
     app.router.add_route("DELETE", "/admin/delegations/{owner}/{delegate}", admin_delegation)
     app.router.add_get("/jmap/download/{account}/{blob}/{name}", download)
     app.router.add_post("/jmap/upload/{account}/", upload)
-    app.router.add_get("/jmap/eventsource/", not_implemented)
     return app

@@ -20,6 +20,7 @@ from typing import Any
 
 from picows import WSCloseCode, WSFrame, WSListener, WSMsgType, WSTransport
 
+from gateway.admission import UserCounts
 from gateway.auth import Authenticator
 from gateway.config import Settings
 from gateway.deflate import MAX_WINDOW_BITS, Compression, DeflateParams, negotiate
@@ -215,7 +216,8 @@ class WebSocketService:
 
     def __init__(self, settings: Settings, auth: Authenticator, request_path: RequestPath, hub: Hub,
                  compression: Compression, coalesce: ModuleType, broadcast: ModuleType, metrics: Metrics, *,
-                 session_class: type[Session] = Session, upgrade_auth: UpgradeAuth | None = None) -> None:
+                 session_class: type[Session] = Session, upgrade_auth: UpgradeAuth | None = None,
+                 counts: UserCounts | None = None) -> None:
         self.settings = settings
         self.auth = auth
         self.request_path = request_path
@@ -230,7 +232,7 @@ class WebSocketService:
                              ping_interval=settings.ping_interval, ping_timeout=settings.ping_timeout,
                              slow_timeout=settings.slow_client_timeout, slow_max_bytes=settings.slow_client_max_bytes)
         self.connections: set[WsConnection] = set()
-        self._per_user: dict[str, int] = {}
+        self.counts = counts or UserCounts()  # shared with the event streams: one cap per user
         self._requests: set[asyncio.Task[Any]] = set()
         self._tasks: set[asyncio.Task[Any]] = set()
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -279,11 +281,11 @@ class WebSocketService:
         except (Unauthorized, Forbidden, Unavailable):
             self.metrics.upgrades.labels("unauthorized").inc()
             raise
-        count = self._per_user.get(principal.username, 0)
-        if count >= self.settings.max_connections_per_user:
+        try:
+            self.counts.admit(principal.username, self.settings.max_connections_per_user)
+        except HTTPProblem:
             self.metrics.upgrades.labels("too_many").inc()
-            raise HTTPProblem(429, f"{principal.username} already has {count} connections on this server.",
-                              headers={"Retry-After": "10"})
+            raise
         if transport.is_closing():
             return
         deflate = None
@@ -308,24 +310,18 @@ class WebSocketService:
 
     def opened(self, conn: WsConnection) -> None:
         self.connections.add(conn)
-        name = conn.principal.username
-        self._per_user[name] = self._per_user.get(name, 0) + 1
+        self.counts.opened(conn.principal.username)
         self.metrics.connections.inc()
 
     def closed(self, conn: WsConnection) -> None:
         if conn not in self.connections:
             return
         self.connections.discard(conn)
-        name = conn.principal.username
-        n = self._per_user.get(name, 1) - 1
-        if n <= 0:
-            self._per_user.pop(name, None)
-        else:
-            self._per_user[name] = n
+        self.counts.closed(conn.principal.username)
         self.metrics.connections.dec()
 
     def connections_of(self, username: str) -> int:
-        return self._per_user.get(username, 0)
+        return self.counts.of(username)
 
     # --- requests and push ---------------------------------------------------------------------------------
 

@@ -10,10 +10,12 @@ import aiohttp
 import pytest
 
 from gateway.app import Gateway
+from gateway.bus.events import STATE_CHANGE_EVENT
 from gateway.directory import account_id_for
 from gateway.upstream.core import CoreOnly
 from tests.conftest import ADMIN, ALICE, BOB, GatewayFactory, basic, connect, http_url
 from tests.e2e.test_push import enable, next_push_or_none
+from tests.e2e.test_ws_protocol import recv_json
 
 CORE = "urn:ietf:params:jmap:core"
 
@@ -158,3 +160,30 @@ async def test_http_api_limits_requests_in_flight_per_user(make_gateway: Gateway
         path.release.set()
         assert (await first)[0] == 200 and (await other)[0] == 200
         assert (await post(BOB))[0] == 200  # released
+
+
+async def test_admin_events_as_an_ndjson_stream(gateway: Gateway) -> None:
+    async with await connect(gateway) as ws:
+        await enable(ws)
+
+        async def lines() -> Any:
+            for i in range(3):
+                yield (json.dumps({"type": STATE_CHANGE_EVENT, "username": BOB[0], "typeStates": {"Email": f"e{i}"}})
+                       + "\n").encode()
+                await asyncio.sleep(0)  # separate chunks
+            yield b"\n" + json.dumps([{"type": STATE_CHANGE_EVENT, "username": BOB[0],
+                                       "typeStates": {"Mailbox": "m9"}}]).encode()  # no final newline
+
+        headers = {"Authorization": f"Bearer {ADMIN}", "Content-Type": "application/x-ndjson"}
+        async with aiohttp.ClientSession() as http:
+            async with http.post(http_url(gateway, "/admin/events"), data=lines(), headers=headers) as r:
+                assert r.status == 202 and (await r.json()) == {"accepted": 4}
+            seen: dict[str, str] = {}
+            while seen.get("Mailbox") != "m9":  # the pushes were written before the 202 (memory bus)
+                push = await asyncio.wait_for(recv_json(ws), 5)
+                seen.update(push["changed"][account_id_for(BOB[0])])
+            assert seen == {"Email": "e2", "Mailbox": "m9"}
+            bad = b'{"type":"%s","username":"bob@example.com","typeStates":{}}\n{nope}\n' % STATE_CHANGE_EVENT.encode()
+            async with http.post(http_url(gateway, "/admin/events"), data=bad, headers=headers) as r:
+                problem = await r.json(content_type=None)
+                assert r.status == 400 and "the 1 events before it were published" in problem["detail"]

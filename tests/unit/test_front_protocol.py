@@ -71,7 +71,10 @@ async def front(on_upgrade: Any) -> tuple[FrontProtocol, Transport, list[Http], 
         made.append(Http())
         return made[-1]
 
-    proto = FrontProtocol(frozenset({"/jmap/ws"}), on_upgrade, http, tasks.append)
+    def route(head: RequestHead) -> Any:
+        return on_upgrade if head.is_websocket_upgrade and head.path == "/jmap/ws" else None
+
+    proto = FrontProtocol(route, http, tasks.append)
     transport = Transport()
     proto.connection_made(transport)  # type: ignore[arg-type]
     return proto, transport, made, tasks

@@ -250,3 +250,20 @@ def test_the_ledger_is_bounded_oldest_first() -> None:
     assert list(hub._ledger) == ["b", "c"]
     hub._remember("b", {"Notes": "n"})
     assert list(hub._ledger) == ["c", "b"] and hub._ledger["b"] == {"Calendar": "b", "Notes": "n"}
+
+
+async def test_a_batch_is_merged_per_account_one_write_per_socket() -> None:
+    hub, _, _ = make()
+    bob, alice = target(), target()
+    await hub.enable(bob, BOB, None, None, lambda: True)
+    await hub.enable(alice, directory.principal("alice"), None, None, lambda: True)
+    alice_acc = directory.principal("alice").account_ids[0]
+    hub.on_events([new_event("bob", {"Email": "e1"}), new_event("alice", {"Email": "a1"}),
+                   new_event("bob", {"Email": "e2", "Mailbox": "m2"}), new_event("nobody", {"Email": "x"}),
+                   new_event("bob", {"Thread": "t3"})])
+    # Newest state per type wins, in one StateChange (one send) per socket; the token says the same.
+    assert changed(bob) == [{ACC: {"Email": "e2", "Mailbox": "m2", "Thread": "t3"}}]
+    assert json.loads(bob.transport.frames[0])["pushState"] == pushstate.encode(
+        {ACC: {"Email": "e2", "Mailbox": "m2", "Thread": "t3"}})
+    assert changed(alice) == [{alice_acc: {"Email": "a1"}}]
+    assert hub.stats.events == 5 and hub.stats.pushes == 2
