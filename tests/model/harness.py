@@ -355,14 +355,16 @@ class Client:
     def state(self, account_id: str, type_: str) -> str | None:
         return self.known.get(account_id, {}).get(type_)
 
-    def converge(self, want: dict[str, dict[str, str]], what: str = "the server's states") -> None:
-        """Read the socket until the known states include `want` (account -> type -> state); fail after WAIT."""
+    def converge(self, want: dict[str, dict[str, str]], what: str = "the server's states",
+                 timeout: float = WAIT) -> None:
+        """Read the socket until the known states include `want` (account -> type -> state); fail after
+        `timeout` seconds."""
         assert self.socket is not None
 
         def done() -> bool:
             return all(self.state(acc, t) == v for acc, states in want.items() for t, v in states.items())
 
-        if not self.socket.pump(done):
+        if not self.socket.pump(done, timeout):
             diff = {(acc, t): (self.state(acc, t), v) for acc, states in want.items() for t, v in states.items()
                     if self.state(acc, t) != v}
             raise AssertionError(f"the client did not converge to {what}; (known, wanted) = {diff}")
