@@ -6,17 +6,22 @@ STAMP  := $(VENV)/.installed
 
 .PHONY: run test lint bench native clean
 
+# The first time (or after pyproject.toml/setup.py changed): pip shows what it installs, ~1-2 minutes.
 $(STAMP): pyproject.toml setup.py
+	@echo "make: setting up $(VENV): Python dependencies, then the native modules (the first time: ~2 minutes)"
 	$(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install --upgrade pip
 	# The native modules cimport picows' .pxd: build them against the very picows the venv runs with.
-	$(PY) -m pip install -q 'setuptools>=77' wheel 'Cython>=3.0,<4' 'picows>=2.3,<2.4'
-	$(PY) -m pip install -q --no-build-isolation -e '.[dev]'
+	$(PY) -m pip install 'setuptools>=77' wheel 'Cython>=3.0,<4' 'picows>=2.3,<2.4'
+	# Without compiling the native modules inside pip: `native` compiles them in place next, one line each.
+	JMAP_GATEWAY_SKIP_NATIVE=1 $(PY) -m pip install --no-build-isolation -e '.[dev]'
 	touch $(STAMP)
 
-# Cythonize and compile native/ into the package (a no-op when nothing changed).
+# Cythonize and compile native/ into the package (a no-op when nothing changed), one line per module compiled,
+# then one line saying the build is done.
 native: $(STAMP)
-	$(PY) setup.py -q build_ext --inplace
+	@$(PY) setup.py -q build_ext --inplace
+	@$(PY) -m gateway.native
 
 run: native
 	$(PY) -m gateway

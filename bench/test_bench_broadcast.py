@@ -12,6 +12,7 @@ from __future__ import annotations
 import array
 import asyncio
 import base64
+import importlib
 import os
 import select
 import socket
@@ -209,6 +210,14 @@ def modules() -> tuple[ModuleType, ModuleType]:
     return compiled, native.load("_broadcast", native=False)
 
 
+@pytest.fixture(scope="module")
+def bench() -> ModuleType:
+    try:
+        return importlib.import_module("gateway._bench")
+    except ImportError:
+        pytest.fail("gateway._bench is not compiled: build it first (setup.py build_ext --inplace)")
+
+
 @pytest.fixture(scope="module", params=SIZES, ids=[f"{n}" for n in SIZES])
 def rig(request: pytest.FixtureRequest) -> Iterator[Rig]:
     r = Rig(request.param)
@@ -219,17 +228,17 @@ def rig(request: pytest.FixtureRequest) -> Iterator[Rig]:
 MODES = ("floor", "native", "python")
 
 
-def one_round(mode: str, modules: tuple[ModuleType, ModuleType], rig: Rig) -> Callable[[], int]:
+def one_round(mode: str, modules: tuple[ModuleType, ModuleType], bench: ModuleType, rig: Rig) -> Callable[[], int]:
     """A callable that writes the frame once to every connection of `rig`, the way `mode` says."""
     compiled, twin = modules
     if mode == "floor":
         frame = wire_frame(PAYLOAD)
         fds = rig.fds
-        return lambda: int(compiled._floor_send(fds, frame))
+        return lambda: int(bench.floor_send(fds, frame))
     module = compiled if mode == "native" else twin
     targets: dict[Any, None] = {module.Target(t, False): None for t in rig.transports}
     if module is compiled:
-        assert all(compiled._is_fast_path(t) for t in targets)  # the C path, not the Python fallback
+        assert all(bench.is_fast_path(t) for t in targets)  # the C path, not the Python fallback
     plain = bytearray(HEADROOM) + PAYLOAD
     broadcast = module.broadcast
     return lambda: int(broadcast(targets, plain, None, ACCOUNT, STATES))
@@ -262,9 +271,10 @@ def summary() -> Iterator[None]:
 
 
 @pytest.mark.parametrize("mode", MODES)
-def test_broadcast(benchmark: Any, modules: tuple[ModuleType, ModuleType], rig: Rig, mode: str) -> None:
+def test_broadcast(benchmark: Any, modules: tuple[ModuleType, ModuleType], bench: ModuleType, rig: Rig,
+                   mode: str) -> None:
     """One mode at a time: pytest-benchmark's own statistics of one broadcast."""
-    run = one_round(mode, modules, rig)
+    run = one_round(mode, modules, bench, rig)
     pauses = rig.pauses
     written = benchmark.pedantic(run, setup=rig.settle, rounds=ROUNDS[rig.count], warmup_rounds=3)
     assert written == rig.count
@@ -277,11 +287,11 @@ def test_broadcast(benchmark: Any, modules: tuple[ModuleType, ModuleType], rig: 
         SEPARATE[(rig.count, mode)] = per_recipient
 
 
-def test_side_by_side(benchmark: Any, modules: tuple[ModuleType, ModuleType], rig: Rig) -> None:
+def test_side_by_side(benchmark: Any, modules: tuple[ModuleType, ModuleType], bench: ModuleType, rig: Rig) -> None:
     """The three modes in rotating order within every round, so that drift of the machine (other tenants,
     frequency, page cache) hits all three alike; these are the figures to compare. pytest-benchmark's own time
     of this test covers a whole rotation including the drains between modes and is not itself a figure."""
-    runs = {mode: one_round(mode, modules, rig) for mode in MODES}
+    runs = {mode: one_round(mode, modules, bench, rig) for mode in MODES}
     times: dict[str, list[int]] = {mode: [] for mode in MODES}
     rotation = [0]
     pauses = rig.pauses

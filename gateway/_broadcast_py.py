@@ -17,14 +17,24 @@ HEADROOM = 14  # room before the payload for the largest server frame header (RF
 class Target:
     """The push end of one connection: its picows transport and its pause/merge state."""
 
-    __slots__ = ("deflate", "key", "paused", "pending", "transport")
+    __slots__ = ("deflate", "paused", "pending", "transport")
+
+    deflate: bool
+    paused: bool
 
     def __init__(self, transport: Any, deflate: bool = False) -> None:
         self.transport = transport
         self.deflate = deflate
         self.paused = False
         self.pending: dict[str, dict[str, str]] | None = None
-        self.key: Any = None
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        # The compiled Target holds deflate and paused as C ints (bint, see _broadcast.pxd): whatever is
+        # assigned reads back as a bool (a value whose truth cannot be told raises at the assignment). Coerced
+        # here on write, so that reads (once per recipient in the loop) stay plain slot reads.
+        if name == "deflate" or name == "paused":
+            value = bool(value)
+        object.__setattr__(self, name, value)
 
 
 def merge(target: Target, account_id: str, type_states: dict[str, str]) -> None:

@@ -11,7 +11,7 @@ import asyncio
 import logging
 import uuid
 from collections.abc import Iterator
-from typing import Any
+from typing import Any, NamedTuple
 
 from aiohttp import web
 from prometheus_client.core import GaugeMetricFamily
@@ -22,8 +22,9 @@ from gateway.bus.base import Bus
 from gateway.config import Settings
 from gateway.deflate import Compression
 from gateway.directory import Directory
-from gateway.fanout.hub import Hub
-from gateway.metrics import Metrics, counter, counters, gauge
+from gateway.errors import ListenError
+from gateway.fanout.hub import FANOUT_BOUNDS, Hub
+from gateway.metrics import Metrics, counter, counters, gauge, histogram
 from gateway.session import Session
 from gateway.transport.front import FrontProtocol, RequestHead, UpgradeHandler
 from gateway.transport.http import HttpServices, build_app
@@ -33,6 +34,14 @@ from gateway.upstream.base import RequestPath, SessionContext
 
 log = logging.getLogger(__name__)
 WS_PATHS = frozenset({"/jmap/ws"})
+
+
+class Drained(NamedTuple):
+    """What `Gateway.stop()` drained: the figures of the final `stopped` log line."""
+
+    requests_finished: int  # in flight when the stop began, and finished within the grace period
+    requests_cancelled: int  # still running when the grace period ended
+    sockets_closed: int  # WebSockets closed with 1001 and event streams ended
 
 
 def make_bus(settings: Settings, node_id: str) -> Bus:
@@ -70,7 +79,6 @@ class Gateway:
                                        min_bytes=settings.deflate_min_bytes, max_size=settings.message_limit)
         self.hub = Hub(self.bus, self.request_path.current_states, self.broadcast,
                        coalesce_ms=settings.push_coalesce_ms, compress=self.compression.compress)
-        self.hub.stats.fanout_seconds = self.metrics.fanout.observe
         counts = UserCounts()  # GATEWAY_MAX_CONNECTIONS_PER_USER counts WebSockets and event streams together
         self.websockets = WebSocketService(settings, self.auth, self.request_path, self.hub, self.compression,
                                            self.coalesce, self.broadcast, self.metrics, session_class=session_class,
@@ -100,27 +108,32 @@ class Gateway:
         await self._runner.setup()
         http_factory = self._runner.server
         assert http_factory is not None
-        self._server = await loop.create_server(
-            lambda: FrontProtocol(self.route, http_factory, self.websockets.track),
-            self.settings.host, self.settings.port, reuse_port=self.settings.workers > 1, backlog=4096)
+        try:
+            self._server = await loop.create_server(
+                lambda: FrontProtocol(self.route, http_factory, self.websockets.track),
+                self.settings.host, self.settings.port, reuse_port=self.settings.workers > 1, backlog=4096)
+        except OSError as exc:
+            raise ListenError("HTTP/WebSocket", self.settings.host, self.settings.port, "GATEWAY_HOST",
+                              "GATEWAY_PORT", "0 = any free port", exc) from None
         self.port = self._server.sockets[0].getsockname()[1]
         log.info("listening on %s:%d (role: %s, coalescer: %s, broadcast: %s, bus: %s, node %s)", self.settings.host,
                  self.port, self.role.name, impl_name(self.coalesce), impl_name(self.broadcast), self.settings.bus,
                  self.node_id)
 
-    async def stop(self, grace: float | None = None) -> tuple[int, int]:
+    async def stop(self, grace: float | None = None) -> Drained:
         """Stop accepting, finish in-flight requests, close every socket with 1001 (RFC 6455 §7.4.1), then the
-        bus and the request path. Returns (sockets closed, in-flight requests finished)."""
+        bus and the request path."""
         if self._server is not None:
             self._server.close()
-        self.eventsource.close_all()
-        figures = await self.websockets.shutdown(self.settings.shutdown_grace if grace is None else grace)
+        streams = self.eventsource.close_all()
+        finished, cancelled, closed = await self.websockets.shutdown(
+            self.settings.shutdown_grace if grace is None else grace)
         if self._runner is not None:
             await self._runner.cleanup()
         await self.hub.close()
         await self.bus.stop()
         await self.request_path.stop()
-        return figures
+        return Drained(finished, cancelled, closed + streams)
 
     def route(self, head: RequestHead) -> UpgradeHandler | None:
         """Who takes a connection over after its request head; None: the HTTP surface answers."""
@@ -145,6 +158,8 @@ class Gateway:
         yield counter("gateway_pushes_delivered", "StateChange frames written to sockets", stats.pushes)
         yield counter("gateway_slow_client_merges", "StateChanges merged for paused sockets", stats.merged)
         yield gauge("gateway_push_subscriptions", "Push-enabled sessions", self.hub.subscriptions)
+        yield histogram("gateway_fanout_seconds", "A bus batch in to its last write (one batch: one loop turn)",
+                        FANOUT_BOUNDS, stats.fanout_counts, stats.fanout_sum)
         impl = GaugeMetricFamily("gateway_native_module", "1 when the compiled module runs, 0 for the Python twin",
                                  labels=["module"])
         for name, module in (("coalesce", self.coalesce), ("broadcast", self.broadcast), ("deflate", self.deflate)):

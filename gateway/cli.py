@@ -1,5 +1,5 @@
-"""Command-line entry point (`python -m gateway`, `jmap-gateway`): settings, logging, event loop, signals, and
-with GATEWAY_WORKERS > 1 the supervisor of the worker processes.
+"""Command-line entry point (`python -m gateway`, `jmap-gateway [run | settings | check]`): settings, logging
+(text or JSON lines), event loop, signals, and with GATEWAY_WORKERS > 1 the supervisor of the worker processes.
 
 A bad setting exits with status 2 and one line naming the variable, the value and what is allowed; a gateway
 that cannot start (RabbitMQ unreachable, port taken) exits with status 1 and one line saying why.
@@ -27,6 +27,7 @@ Several workers (decisions):
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import contextlib
 import logging
@@ -36,19 +37,20 @@ import signal
 import socket
 import sys
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
 
 import uvloop
+from pythonjsonlogger.json import JsonFormatter
 
-from gateway import native
+from gateway import native, preflight
 from gateway.config import ConfigError, Settings, load
-from gateway.errors import GatewayError
+from gateway.errors import GatewayError, ListenError
 
 log = logging.getLogger(__name__)
 
-USAGE = ("usage: jmap-gateway (no arguments: every setting is a GATEWAY_* environment variable, "
-         "see README.md)")
 # A worker that lived at least this long before dying is restarted at once; one dying younger backs off.
 HEALTHY_AFTER = 60.0
 RESTART_DELAYS = (0.5, 1.0, 2.0, 5.0, 10.0, 30.0)
@@ -56,11 +58,47 @@ RESTART_DELAYS = (0.5, 1.0, 2.0, 5.0, 10.0, 30.0)
 STOP_MARGIN = 15.0
 
 
-def configure_logging(level: str, tag: str = "") -> None:
-    prefix = f"[{tag}] " if tag else ""
-    logging.basicConfig(level=level, format=f"%(asctime)s %(levelname)s {prefix}%(name)s: %(message)s")
-    # picows logs every accepted connection at INFO; at 100k connections that is noise, not information.
-    logging.getLogger("picows").setLevel(max(logging.WARNING, logging.getLevelName(level)))
+# Libraries whose INFO lines are noise for an operator (aiosmtpd: 2-3 per SMTP connection; picows: every accepted
+# connection, at 100k connections; aio-pika/aiormq: connection chatter): shown from WARNING, or all with DEBUG.
+THIRD_PARTY_LOGGERS = ("mail", "picows", "aio_pika", "aiormq", "aiohttp")
+_json_logging = False  # set by configure_logging: fatal() then writes its line as a JSON object too
+
+
+class JsonLines(JsonFormatter):
+    """One JSON object per line: time (ISO 8601, UTC), level, logger, message, then the record's own fields
+    (`extra=`, e.g. username), and `exc_info` with the traceback of an exception."""
+
+    def __init__(self, fields: Mapping[str, object] | None = None) -> None:
+        super().__init__(["levelname", "name", "message"], rename_fields={"levelname": "level", "name": "logger"},
+                         static_fields=dict(fields or {}))
+
+    def add_fields(self, log_data: dict[str, Any], record: logging.LogRecord, message_dict: dict[str, Any]) -> None:
+        log_data["time"] = datetime.fromtimestamp(record.created, UTC).isoformat(timespec="milliseconds")
+        super().add_fields(log_data, record, message_dict)
+
+
+def configure_logging(level: str, tag: str = "", fmt: str = "text", fields: Mapping[str, object] | None = None) -> None:
+    """Log to stderr: `text` lines (with `[tag] ` before the logger name) or `json` lines (with `fields`)."""
+    global _json_logging
+    handler = logging.StreamHandler()
+    if fmt == "json":
+        handler.setFormatter(JsonLines(fields))
+    else:
+        prefix = f"[{tag}] " if tag else ""
+        handler.setFormatter(logging.Formatter(f"%(asctime)s %(levelname)s {prefix}%(name)s: %(message)s"))
+    logging.basicConfig(level=level, handlers=[handler])
+    _json_logging = fmt == "json"
+    quiet = logging.DEBUG if level == "DEBUG" else max(logging.WARNING, logging.getLevelName(level))
+    for name in THIRD_PARTY_LOGGERS:
+        logging.getLogger(name).setLevel(quiet)
+
+
+def fatal(message: str) -> None:
+    """The one line that says why the process stops: a JSON object when the logs are JSON, else plain text."""
+    if _json_logging:
+        log.critical(message)
+    else:
+        print(f"jmap-gateway: {message}", file=sys.stderr, flush=True)
 
 
 @contextlib.contextmanager
@@ -121,7 +159,7 @@ async def serve(settings: Settings, worker: WorkerRole | None = None) -> None:
         with contextlib.suppress(Exception):
             await gateway.stop(grace=0)
         where = f" (worker {worker.index})" if worker else ""
-        print(f"jmap-gateway: cannot start{where}: {exc}", file=sys.stderr, flush=True)
+        fatal(f"cannot start{where}: {exc}")
         raise SystemExit(1) from None
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -146,7 +184,9 @@ async def serve(settings: Settings, worker: WorkerRole | None = None) -> None:
         loop.add_reader(control.fileno(), parent_gone)
     await stop.wait()
     log.info("shutting down")
-    await gateway.stop()
+    drained = await gateway.stop()
+    log.info("stopped: %d in-flight requests finished, %d cancelled; %d sockets closed", *drained,
+             extra=drained._asdict())
 
 
 # --- the supervisor (GATEWAY_WORKERS > 1) --------------------------------------------------------------
@@ -194,8 +234,8 @@ class Supervisor:
         try:
             reservation = reserve_port(s.host, s.port)
         except OSError as exc:
-            print(f"jmap-gateway: cannot start: cannot bind {s.host}:{s.port}: {exc.strerror or exc}",
-                  file=sys.stderr, flush=True)
+            fatal("cannot start: " + str(ListenError("HTTP/WebSocket", s.host, s.port, "GATEWAY_HOST",
+                                                     "GATEWAY_PORT", "0 = any free port", exc)))
             return 1
         self.port = reservation.getsockname()[1]
         loop = asyncio.get_running_loop()
@@ -216,7 +256,9 @@ class Supervisor:
             self._keepers = [asyncio.create_task(self._keep(w)) for w in self._workers]
             await self._stop.wait()
             log.info("stopping %d workers", len(self._workers))
-            return await self._shutdown()
+            code = await self._shutdown()
+            log.info("stopped: %d workers, exit status %d", len(self._workers), code)
+            return code
         finally:
             reservation.close()
 
@@ -317,22 +359,51 @@ class Supervisor:
         return code
 
 
-def _parse_args(argv: Sequence[str]) -> WorkerRole | None:
-    """The supervisor's private `--worker N --control-fd FD`; anything else is an error (ValueError)."""
-    if not argv:
-        return None
-    args = list(argv)
-    if len(args) == 4 and args[0] == "--worker" and args[2] == "--control-fd":
-        return WorkerRole(int(args[1]), int(args[3]))
-    raise ValueError(" ".join(args))
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="jmap-gateway", formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="JMAP over WebSocket (RFC 8887) push gateway.\n\n"
+                    "commands:\n"
+                    "  run       start the gateway (the default)\n"
+                    "  settings  list every setting: its default, its meaning and the value set here\n"
+                    "  check     validate this environment without starting: exit status 0 when fit to start, "
+                    "2 otherwise\n\n"
+                    "Every setting is a GATEWAY_* environment variable, validated at start: a bad value exits "
+                    "with status 2\nand one line naming the variable.",
+        epilog="settings (environment variables):\n" + preflight.settings_text(indent="  "))
+    parser.add_argument("command", nargs="?", choices=("run", "settings", "check"), default="run",
+                        metavar="command", help="run, settings or check (above)")
+    # The supervisor's private arguments for its workers (GATEWAY_WORKERS > 1).
+    parser.add_argument("--worker", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--control-fd", type=int, help=argparse.SUPPRESS)
+    return parser
+
+
+def check(env: dict[str, str]) -> int:
+    """`jmap-gateway check`: one line per check, a last line with the verdict; 0 when fit to start, else 2."""
+    results = preflight.run_checks(env, refusal)
+    for result in results:
+        print(result.line())
+    failed = sum(1 for result in results if not result.ok)
+    not_contacted = "the RabbitMQ broker and the upstream are not contacted"
+    if failed:
+        print(f"check: {failed} of {len(results)} checks failed ({not_contacted})")
+        return 2
+    print(f"check: all {len(results)} checks passed ({not_contacted})")
+    return 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    try:
-        worker = _parse_args(sys.argv[1:] if argv is None else argv)
-    except ValueError:
-        print(USAGE, file=sys.stderr)
-        return 2
+    parser = _parser()
+    args = parser.parse_args(sys.argv[1:] if argv is None else argv)
+    if (args.worker is None) != (args.control_fd is None) or (args.worker is not None and args.command != "run"):
+        parser.error("--worker and --control-fd go together, and only with run")
+    if args.command == "settings":
+        print(preflight.settings_text(os.environ))
+        return 0
+    if args.command == "check":
+        return check(dict(os.environ))
+    worker = WorkerRole(args.worker, args.control_fd) if args.worker is not None else None
     try:
         settings = load(os.environ)
     except ConfigError as exc:
@@ -343,13 +414,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         if problem is not None:
             print(f"jmap-gateway: {problem}", file=sys.stderr)
             return 2
-    configure_logging(settings.log_level, f"worker {worker.index}" if worker else
-                      ("supervisor" if settings.workers > 1 else ""))
+    if worker is not None:
+        tag, fields = f"worker {worker.index}", {"worker": worker.index}
+    elif settings.workers > 1:
+        tag, fields = "supervisor", {"worker": 0}
+    else:
+        tag, fields = "", {}
+    configure_logging(settings.log_level, tag, settings.log_format, fields)
     if settings.require_native:
         try:
             native.require_all()
         except native.NativeMissing as exc:
-            print(f"jmap-gateway: GATEWAY_REQUIRE_NATIVE is set but {exc}", file=sys.stderr)
+            fatal(f"GATEWAY_REQUIRE_NATIVE is set but {exc}")
             return 2
     if worker is None and settings.workers > 1:
         return uvloop.run(Supervisor(settings).run())

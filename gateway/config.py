@@ -130,7 +130,11 @@ SPECS: tuple[Spec, ...] = (
     Spec("GATEWAY_PUBLIC_URL", "public_url", _url("http", "https"), "",
          "Base URL clients reach the gateway at; absolute URLs in the session resource derive from it "
          "(default `http://<host>:<port>`; `https` yields `wss://`)."),
-    Spec("GATEWAY_LOG_LEVEL", "log_level", _log_level, "INFO", "Log level."),
+    Spec("GATEWAY_LOG_LEVEL", "log_level", _log_level, "INFO",
+         "Log level. Libraries' own INFO lines (aiosmtpd, picows, aio-pika) show only with DEBUG."),
+    Spec("GATEWAY_LOG_FORMAT", "log_format", _choice("text", "json"), "text",
+         "Log lines on stderr: `text` for people, or `json`: one JSON object per line with time, level, logger, "
+         "message, and fields such as `username` where they exist (README, Logs)."),
     Spec("GATEWAY_REQUIRE_NATIVE", "require_native", _bool, "false",
          "Refuse to start unless the compiled (Cython) hot path is importable."),
     Spec("GATEWAY_USERS", "users", _users, "bob@example.com:bob,alice@example.com:alice",
@@ -245,6 +249,7 @@ class Settings:
     port: int
     public_url: str | None
     log_level: str
+    log_format: str
     require_native: bool
     users: tuple[tuple[str, str], ...]
     jwt_secret: str | None

@@ -9,6 +9,7 @@ code (RFC 6455 §7.4.1). No I/O here.
 
 from __future__ import annotations
 
+import errno
 from http import HTTPStatus
 from typing import Any
 
@@ -100,6 +101,23 @@ class HTTPProblem(GatewayError):
     def body(self) -> bytes:
         return msgspec.json.encode(ProblemDetails(type=self.type_uri, status=self.status, title=title(self.status),
                                                   detail=self.detail, limit=self.limit))
+
+
+class ListenError(GatewayError):
+    """A listener cannot bind its address. The message is the operator's one line: what is wrong and which
+    setting moves it, e.g. `127.0.0.1:2525 (SMTP) is already in use; set GATEWAY_SMTP_PORT to a free port`."""
+
+    def __init__(self, what: str, host: str, port: int, host_setting: str, port_setting: str, port_hint: str,
+                 error: OSError) -> None:
+        where = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+        if error.errno == errno.EADDRINUSE:
+            text = f"{where} ({what}) is already in use; set {port_setting} to a free port ({port_hint})"
+        else:
+            text = (f"cannot listen on {where} ({what}): {error.strerror or error}; "
+                    f"check {host_setting} and {port_setting}")
+        super().__init__(text)
+        self.port_setting = port_setting
+        self.error = error
 
 
 class Unauthorized(GatewayError):

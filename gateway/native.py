@@ -1,8 +1,8 @@
 """Chooses between the compiled hot-path modules and their pure-Python twins, and says which one runs.
 
-Convention: native module `gateway._<name>` (built from `native/gateway/_<name>.pyx`) and its twin
-`gateway._<name>_py` expose the same API. Nothing falls back silently: the choice is logged, exported in
-`/metrics`, and `GATEWAY_REQUIRE_NATIVE=1` makes a missing native module fatal.
+Convention: native module `gateway._<name>` (built from `native/gateway/_<name>.pyx`, its C-level contract in
+the `.pxd` beside it) and its twin `gateway._<name>_py` expose the same API. Nothing falls back silently: the
+choice is logged, exported in `/metrics`, and `GATEWAY_REQUIRE_NATIVE=1` makes a missing native module fatal.
 """
 
 from __future__ import annotations
@@ -10,7 +10,11 @@ from __future__ import annotations
 import importlib
 from types import ModuleType
 
+# The production modules: each has a twin, status() reports them, require_all() requires them.
 NATIVE_MODULES: tuple[str, ...] = ("_coalesce", "_deflate", "_broadcast")
+# Also built from native/ but no part of the gateway: benchmark and test helpers, without a twin; never
+# required, never reported, never loaded by the gateway.
+SUPPORT_MODULES: tuple[str, ...] = ("_bench",)
 
 
 class NativeMissing(RuntimeError):
@@ -53,3 +57,18 @@ def require_all() -> None:
     if missing:
         raise NativeMissing("compiled modules missing: " + ", ".join(f"gateway.{m}" for m in missing)
                             + " (build them with `make native`)")
+
+
+def main() -> int:
+    """`python -m gateway.native` (the last step of `make native`): one line saying which modules are compiled."""
+    status_ = status()
+    missing = [f"gateway.{name}" for name, ok in status_.items() if not ok]
+    if missing:
+        print("native modules missing: " + ", ".join(missing) + " (their Python twins would run)")
+        return 1
+    print("native build done: " + ", ".join(f"gateway.{name}" for name in status_) + " compiled")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -438,9 +438,9 @@ def available(name: str) -> str | None:
             return "node_modules missing (--install runs npm ci)"
     elif name == "floor":
         try:
-            from gateway._broadcast import _floor_send  # noqa: F401
+            from gateway._bench import floor_send  # noqa: F401
         except ImportError:
-            return "gateway._broadcast is not compiled (make native)"
+            return "gateway._bench is not compiled (make native)"
     elif name == "gateway-amqp" and not broker_reachable():
         return "no RabbitMQ at 127.0.0.1:5672"
     return None

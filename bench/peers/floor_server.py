@@ -1,10 +1,10 @@
 """Fan-out benchmark peer: the syscall floor. Accepts WebSocket subscribers (`GET /sub/<account>`) and, for every
-`POST /pub/<account>`, builds the frame once and writes it with `gateway._broadcast._floor_send`: a C loop doing
+`POST /pub/<account>`, builds the frame once and writes it with `gateway._bench.floor_send`: a C loop doing
 nothing but `send(2)` of the finished frame to each subscriber's fd.
 
 No broadcast can do less per recipient, so deliveries per CPU-second here are the physical limit on this machine.
 The handshake and the publish request are plain Python (per connection and per event, not per delivery). Needs
-the compiled gateway._broadcast (`make native`). Environment: HOST, PORT (WebSocket and publish on one port).
+the compiled gateway._bench (`make native`). Environment: HOST, PORT (WebSocket and publish on one port).
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ import socket
 import uvloop
 from _pubhttp import PublishProtocol
 
-from gateway._broadcast import _floor_send  # compiled module only: the twin has no floor
+from gateway._bench import floor_send  # compiled only: a benchmark helper, no twin
 
 _GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"  # RFC 6455 §1.3
 
@@ -52,7 +52,7 @@ def publish(account: str, body: bytes) -> int:
         return 0
     if group.fds is None:
         group.fds = array.array("i", sorted(group.members))
-    return int(_floor_send(group.fds, frame_of(body)))
+    return int(floor_send(group.fds, frame_of(body)))
 
 
 class Front(asyncio.Protocol):

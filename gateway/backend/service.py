@@ -19,20 +19,20 @@ from collections.abc import AsyncIterable, Awaitable, Callable, Collection, Sequ
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
 
-from gateway.backend import mime
 from gateway.backend.delivery import MAX_SIZE_ATTACHMENTS, UnknownRecipient, resolve_recipient
 from gateway.backend.methods import METHODS
 from gateway.backend.methods.common import Context, Limits
 from gateway.backend.methods.email import read_blob
 from gateway.backend.methods.mailbox import MAX_DEPTH, MAX_NAME_OCTETS
 from gateway.backend.methods.query import SORT_OPTIONS
+from gateway.backend.mime.parse import ParsedEmail, parse_message
 from gateway.backend.refs import resolve_arguments
 from gateway.backend.smtp import SmtpListener
 from gateway.backend.store import TYPES, Store
 from gateway.bus.events import StateChangeEvent, new_event
 from gateway.config import Settings
 from gateway.directory import Account, Directory, Principal, account_id_for
-from gateway.errors import HTTPProblem, MethodError
+from gateway.errors import HTTPProblem, ListenError, MethodError
 from gateway.jmap.types import CORE, MAIL, SUBMISSION, VACATION, WEBSOCKET, ApiRequest, ApiResponse, Invocation
 from gateway.upstream.base import Blob, Counters, SessionContext, local_session
 
@@ -132,8 +132,13 @@ class EmbeddedBackend:
         s = self._settings
         if s.smtp_port and self._smtp is None:
             # Mail arrives here (RFC 5321 final delivery) only in this role: the SMTP door is the backend's.
-            self._smtp = SmtpListener(self, self._directory, s.smtp_host, s.smtp_port)
-            await self._smtp.start()
+            smtp = SmtpListener(self, self._directory, s.smtp_host, s.smtp_port)
+            try:
+                await smtp.start()
+            except OSError as exc:
+                raise ListenError("SMTP", s.smtp_host, s.smtp_port, "GATEWAY_SMTP_HOST", "GATEWAY_SMTP_PORT",
+                                  "0 = off", exc) from None
+            self._smtp = smtp
 
     async def stop(self) -> None:
         if self._smtp is not None:
@@ -269,12 +274,12 @@ class EmbeddedBackend:
                       ) -> tuple[list[dict[str, str] | Exception], list[StateChangeEvent]]:
         store = self._store
         received_at = int(self._clock())
-        parsed: list[mime.ParsedEmail | Exception] = []
+        parsed: list[ParsedEmail | Exception] = []
         for usernames, raw in batch:
             for username in usernames:
                 store.ensure_account(account_id_for(username), username)
             try:
-                parsed.append(mime.parse_message(raw))
+                parsed.append(parse_message(raw))
             except Exception as exc:  # the parser is lenient; this is a last line of defence per message
                 log.exception("cannot parse a delivered message")
                 parsed.append(exc)

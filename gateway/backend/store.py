@@ -20,7 +20,7 @@ from typing import Any
 
 import msgspec
 
-from gateway.backend.mime import ParsedEmail, address_sort_key, base_subject, search_fields
+from gateway.backend.mime.parse import ParsedEmail, address_sort_key, base_subject, search_fields
 
 TYPES = ("Mailbox", "Email", "Thread", "EmailDelivery", "VacationResponse")
 CREATED, UPDATED, DESTROYED = 0, 1, 2
@@ -61,7 +61,7 @@ CREATE TABLE IF NOT EXISTS emails(
     subject_sort TEXT NOT NULL, from_sort TEXT NOT NULL, to_sort TEXT NOT NULL,
     s_subject TEXT NOT NULL, s_from TEXT NOT NULL, s_to TEXT NOT NULL, s_cc TEXT NOT NULL,
     s_bcc TEXT NOT NULL, s_body TEXT NOT NULL,
-    meta TEXT NOT NULL,                  -- JSON of the immutable Email properties (mime.ParsedEmail)
+    meta TEXT NOT NULL,                  -- JSON of the immutable Email properties (mime.parse.ParsedEmail)
     PRIMARY KEY(account_id, id));
 CREATE INDEX IF NOT EXISTS emails_by_thread ON emails(account_id, thread_id);
 CREATE INDEX IF NOT EXISTS emails_by_received ON emails(account_id, received_at);

@@ -17,8 +17,13 @@ _decoder = msgspec.msgpack.Decoder(dict[str, dict[str, str]])
 _encoder = msgspec.msgpack.Encoder()
 
 
+_URLSAFE = bytes.maketrans(b"+/", b"-_")
+
+
 def encode(states: dict[str, dict[str, str]]) -> str:
-    return _VERSION + base64.urlsafe_b64encode(_encoder.encode(states)).rstrip(b"=").decode("ascii")
+    # binascii and one translate: what base64.urlsafe_b64encode does, without its Python layers (once per push).
+    return _VERSION + binascii.b2a_base64(_encoder.encode(states), newline=False).translate(_URLSAFE).rstrip(
+        b"=").decode("ascii")
 
 
 def decode(token: str) -> dict[str, dict[str, str]] | None:

@@ -337,7 +337,8 @@ class WebSocketService:
         except GatewayError as exc:
             result = exc
         except Exception as exc:
-            log.exception("request path failed for %s", conn.principal.username)
+            log.exception("request path failed for %s", conn.principal.username,
+                          extra={"username": conn.principal.username})
             result = exc  # answered as serverFail
         conn.finish(action.request_id, result)
 
@@ -365,14 +366,15 @@ class WebSocketService:
 
     # --- shutdown ------------------------------------------------------------------------------------------
 
-    async def shutdown(self, grace: float) -> tuple[int, int]:
+    async def shutdown(self, grace: float) -> tuple[int, int, int]:
         """Finish in-flight requests (up to `grace` seconds), then close every socket with 1001 (RFC 6455
-        §7.4.1). Returns (sockets closed, requests finished)."""
+        §7.4.1). Returns (requests finished, requests cancelled, sockets closed)."""
         deadline = time.monotonic() + grace
         pending = len(self._requests)
         while self._requests and time.monotonic() < deadline:
             await asyncio.wait(list(self._requests), timeout=max(0.0, deadline - time.monotonic()))
-        finished = pending - len(self._requests)
+        cancelled = len(self._requests)
+        finished = pending - cancelled
         closed = len(self.connections)
         for conn in list(self.connections):
             conn.close(1001, "server shutting down")
@@ -384,4 +386,4 @@ class WebSocketService:
         await asyncio.gather(*self._requests, *self._tasks, return_exceptions=True)
         if self._wheel is not None:
             self._wheel.close()
-        return closed, finished
+        return finished, cancelled, closed

@@ -77,11 +77,12 @@ class UpstreamCheck:
             return own_account_principal(sub, credentials, key, exp, time.monotonic())
         except (UpstreamUnavailable, TimeoutError) as exc:
             log.info("JWT of %s verified locally; no upstream session yet (%s): own account until the recheck",
-                     sub, type(exc).__name__)
+                     sub, type(exc).__name__, extra={"username": sub})
             # Due at the next recheck tick, which brings the delegated accounts once the upstream answers.
             return own_account_principal(sub, credentials, key, exp, float("-inf"))
         if session.username != sub:
-            log.warning("the upstream knows the JWT of %r as %r; using its own account only", sub, session.username)
+            log.warning("the upstream knows the JWT of %r as %r; using its own account only", sub, session.username,
+                        extra={"username": sub})
             return own_account_principal(sub, credentials, key, exp, time.monotonic())
         principal = principal_from(session, credentials, key, expires_at=exp)
         principal.local = True

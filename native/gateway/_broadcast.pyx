@@ -6,7 +6,6 @@ It does not encode, compress or own sockets; the hub does that. Its pure-Python 
 gateway._broadcast_py; tests/unit/test_broadcast.py runs the same tests on both.
 """
 
-cimport cython
 from cpython.dict cimport PyDict_Next
 from cpython.object cimport PyObject
 from picows.picows cimport WSMsgType, WSTransport
@@ -21,10 +20,6 @@ cdef extern from "Python.h":
 cdef extern from *:
     # GCC/Clang builtin: a hint that never faults, so it is safe on any address.
     void __builtin_prefetch(const void* addr) nogil
-
-
-cdef extern from "<sys/socket.h>" nogil:
-    ssize_t send(int fd, const void* buf, size_t n, int flags)
 
 
 # This module calls WSTransport's methods through the vtable layout of the picows.pxd it was compiled against;
@@ -50,21 +45,14 @@ HEADROOM = _HEADROOM  # room before the payload for the largest server frame hea
 cdef class Target:
     """The push end of one connection: its picows transport and its pause/merge state."""
 
-    cdef object _transport
-    # The same object as _transport when it is a picows WSTransport (else None): the write then goes through
-    # picows' C vtable, with no attribute lookup, bound-method object or argument tuple per recipient.
-    cdef WSTransport _ws
-    cdef public object deflate
-    cdef public object paused
-    cdef public object pending
-    cdef public object key
+    # Fields are declared in _broadcast.pxd. `deflate` and `paused` are C ints (bint): whatever is assigned
+    # reads back as a bool, and the twin coerces the same way.
 
-    def __init__(self, transport, deflate=False):
+    def __init__(self, transport, bint deflate=False):
         self.transport = transport
         self.deflate = deflate
         self.paused = False
         self.pending = None
-        self.key = None
 
     @property
     def transport(self):
@@ -78,8 +66,24 @@ cdef class Target:
         self._ws = value if isinstance(value, WSTransport) else None
 
 
+cdef int _merge_target(Target target, object account_id, object type_states) except -1:
+    # Exactly a Target: its pending field is read and written in the struct, no attribute lookup.
+    cdef object pending = target.pending
+    cdef object current
+    if pending is None:
+        target.pending = {account_id: dict(type_states)}
+        return 0
+    current = pending.get(account_id)
+    if current is None:
+        pending[account_id] = dict(type_states)
+    else:
+        current.update(type_states)
+    return 0
+
+
 cdef int _merge(object target, object account_id, object type_states) except -1:
-    # Attribute access stays generic (not the Target struct) so that duck-typed targets behave as in the twin.
+    # Attribute access stays generic (not the Target struct) so that duck-typed targets and subclasses (which
+    # may override the attribute) behave as in the twin.
     pending = target.pending
     if pending is None:
         target.pending = {account_id: dict(type_states)}
@@ -94,7 +98,10 @@ cdef int _merge(object target, object account_id, object type_states) except -1:
 
 def merge(target, account_id, type_states):
     """Fold a change into the target's pending StateChange (newest state wins)."""
-    _merge(target, account_id, type_states)
+    if type(target) is Target:
+        _merge_target(<Target>target, account_id, type_states)
+    else:
+        _merge(target, account_id, type_states)
 
 
 cdef inline int _write_target(Target target, bytearray plain, bytearray compressed,
@@ -186,7 +193,7 @@ cdef Py_ssize_t _broadcast(dict targets, bytearray plain, bytearray compressed, 
             # Holding the reference keeps the target alive even if its send makes someone drop it.
             target = <Target>key
             if target.paused:
-                _merge(target, account_id, type_states)
+                _merge_target(target, account_id, type_states)
             else:
                 _write_target(target, plain, compressed, have_compressed)
                 written += 1
@@ -202,25 +209,3 @@ cdef Py_ssize_t _broadcast(dict targets, bytearray plain, bytearray compressed, 
         if PyDict_GET_SIZE(targets) != size:
             raise RuntimeError("dictionary changed size during iteration")
     return written
-
-
-def _is_fast_path(Target target):
-    """For tests: whether writes to this target go through picows' C vtable (a real WSTransport)."""
-    return target._ws is not None
-
-
-@cython.boundscheck(False)
-def _floor_send(const int[::1] fds not None, const unsigned char[::1] frame not None):
-    """Benchmarking only (bench/test_bench_broadcast.py): send(2) `frame` to every fd and nothing else, the
-    syscall floor a broadcast is compared with. Returns how many sends wrote the whole frame."""
-    cdef Py_ssize_t i
-    cdef Py_ssize_t n = fds.shape[0]
-    cdef Py_ssize_t size = frame.shape[0]
-    cdef Py_ssize_t complete = 0
-    cdef const unsigned char* data = &frame[0] if size else NULL
-    with nogil:
-        for i in range(n):
-            # Flags 0, as picows' own fast path uses, so both pay for the same kernel work.
-            if send(fds[i], data, <size_t>size, 0) == size:
-                complete += 1
-    return complete

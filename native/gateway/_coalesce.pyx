@@ -65,14 +65,10 @@ _R_RSV1_NOT_NEGOTIATED = "rsv1 set but no extension negotiated"
 _R_TOO_BIG = "message too big"
 _R_INVALID_UTF8 = "invalid UTF-8 in a text message"
 
-# UTF-8 per RFC 3629 §4, written as a state machine over its ABNF: after a lead byte, `need` continuation
-# bytes must follow and the first of them must lie in [lo, hi]. The narrowed first ranges are what reject
-# overlongs (E0 80..9F, F0 80..8F), surrogates (ED A0..BF) and code points above U+10FFFF (F4 90..BF);
-# C0, C1 and F5..FF can never start a sequence. Every later continuation byte is 80..BF.
-cdef struct Utf8State:
-    int need
-    unsigned char lo
-    unsigned char hi
+# UTF-8 per RFC 3629 §4, written as a state machine over its ABNF (Utf8State, in the .pxd): after a lead byte,
+# `need` continuation bytes must follow and the first of them must lie in [lo, hi]. The narrowed first ranges
+# are what reject overlongs (E0 80..9F, F0 80..8F), surrogates (ED A0..BF) and code points above U+10FFFF
+# (F4 90..BF); C0, C1 and F5..FF can never start a sequence. Every later continuation byte is 80..BF.
 
 
 cdef inline void _utf8_reset(Utf8State* st) noexcept nogil:
@@ -180,21 +176,7 @@ def utf8_valid(data):
 cdef class Coalescer:
     """Feed it every frame of one connection in order; it says when a message is complete (see feed())."""
 
-    cdef readonly int opcode
-    cdef readonly bint rsv1
-    cdef readonly int error_code
-    cdef readonly str error_reason
-    cdef Py_ssize_t _max_size
-    cdef bint _allow_rsv1
-    cdef bint _in_message
-    cdef int _cur_opcode
-    cdef bint _cur_rsv1
-    cdef bint _check_utf8
-    cdef Utf8State _utf8
-    cdef char* _buf
-    cdef Py_ssize_t _len
-    cdef Py_ssize_t _cap
-    cdef bytes _ready
+    # Fields and C methods are declared in _coalesce.pxd.
 
     def __cinit__(self):
         self._buf = NULL

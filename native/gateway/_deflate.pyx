@@ -16,19 +16,8 @@ from gateway.deflate import Corrupt, TooBig, validate_compressor, validate_infla
 __all__ = ["ZLIB_VERSION", "Compressor", "Corrupt", "Inflater", "TooBig"]
 
 
+# zlib's types (z_stream, Bytef, uInt, uLong) are declared in _deflate.pxd, which the classes' fields need.
 cdef extern from "zlib.h":
-    ctypedef unsigned char Bytef
-    ctypedef unsigned int uInt
-    ctypedef unsigned long uLong
-    # Only the fields we touch; zlib.h has the full struct, and zalloc/zfree/opaque stay zeroed (Z_NULL)
-    # so that zlib uses its default allocator.
-    ctypedef struct z_stream:
-        Bytef *next_in
-        uInt avail_in
-        Bytef *next_out
-        uInt avail_out
-        char *msg
-
     const char *zlibVersion()
     # deflateInit2/inflateInit2 are macros in zlib.h (they pass the version and struct size); Cython only
     # emits the call, so declaring them as functions is enough.
@@ -85,10 +74,7 @@ cdef inline size_t _min(size_t a, size_t b) noexcept nogil:
 cdef class Compressor:
     """Compresses whole messages, each one independently (no context takeover): equal input, equal bytes."""
 
-    cdef z_stream _strm
-    cdef bint _ready
-    cdef unsigned char *_buf
-    cdef size_t _cap
+    # Fields and C methods are declared in _deflate.pxd.
 
     def __cinit__(self):
         memset(&self._strm, 0, sizeof(z_stream))
@@ -182,15 +168,7 @@ cdef class Compressor:
 cdef class Inflater:
     """Inflates whole messages, each from an empty window (client_no_context_takeover), within a limit."""
 
-    cdef z_stream _strm
-    cdef bint _ready
-    cdef unsigned char *_buf
-    cdef size_t _cap
-    # State of the message being inflated, shared with _feed.
-    cdef size_t _written
-    cdef size_t _first
-    cdef size_t _unused
-    cdef int _rc
+    # Fields and C methods are declared in _deflate.pxd.
 
     def __cinit__(self):
         memset(&self._strm, 0, sizeof(z_stream))

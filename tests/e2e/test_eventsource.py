@@ -43,7 +43,8 @@ async def stream(gw: Gateway, user: tuple[str, str] | None = BOB, **kw: Any) -> 
 async def next_event(source: Any, timeout: float = 5.0) -> ServerSentEvent:
     async def first() -> ServerSentEvent:
         async for event in source.aiter_sse():
-            return event
+            found: ServerSentEvent = event
+            return found
         raise AssertionError("the stream ended")
     return await asyncio.wait_for(first(), timeout)
 

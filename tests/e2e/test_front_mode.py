@@ -26,6 +26,7 @@ import jwt
 import pytest
 import websockets
 from websockets.exceptions import InvalidStatus
+from websockets.typing import Subprotocol
 
 from gateway.app import Gateway
 from gateway.directory import account_id_for
@@ -129,7 +130,7 @@ async def make_front(exchange: str, make_gateway: GatewayFactory) -> FrontFactor
 async def connect_front(gw: Gateway, authorization: str | None = None, query: str = "") -> Any:
     headers = {"Authorization": authorization} if authorization else {}
     return await websockets.connect(f"ws://127.0.0.1:{gw.port}/jmap/ws" + (f"?{query}" if query else ""),
-                                    subprotocols=["jmap"], additional_headers=headers, compression=None,
+                                    subprotocols=[Subprotocol("jmap")], additional_headers=headers, compression=None,
                                     ping_interval=None)
 
 

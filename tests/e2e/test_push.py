@@ -19,6 +19,7 @@ import sys
 import pytest
 import websockets
 from websockets.exceptions import ConnectionClosed, InvalidStatus
+from websockets.typing import Subprotocol
 
 from gateway.app import Gateway
 from gateway.bus.events import new_event
@@ -209,7 +210,7 @@ def test_sigterm_closes_sockets_with_1001_and_exits_0() -> None:
         port = int(line.split("127.0.0.1:")[1].split()[0].strip("/"))
 
         async def scenario() -> int | None:
-            ws = await websockets.connect(f"ws://127.0.0.1:{port}/jmap/ws", subprotocols=["jmap"],
+            ws = await websockets.connect(f"ws://127.0.0.1:{port}/jmap/ws", subprotocols=[Subprotocol("jmap")],
                                           additional_headers={"Authorization": basic(BOB)})
             await ws.send(echo("S1"))
             assert (await recv_json(ws))["requestId"] == "S1"
@@ -239,7 +240,7 @@ async def test_slow_client_memory_is_bounded_and_gets_the_newest_state(make_gate
     peak_buffer = 0
     for i in range(5000):  # the client reads nothing meanwhile
         await publish(gw, BOB[0], Email=f"e{i}-{filler}", Mailbox=f"m{i}")
-        peak_buffer = max(peak_buffer, conn.transport.underlying_transport.get_write_buffer_size())
+        peak_buffer = max(peak_buffer, conn.transport.underlying_transport.get_write_buffer_size())  # type: ignore[union-attr]
     assert conn.target.paused, "the socket should have passed its high-water mark"
     assert conn.target.pending == {BOB_ACC: {"Email": f"e4999-{filler}", "Mailbox": "m4999"}}
     # Bounded: the server holds at most about one high-water mark plus one frame per paused socket.
@@ -296,6 +297,6 @@ async def test_socket_send_buffer_cap(make_gateway: GatewayFactory) -> None:
     async with await connect(gw) as ws:
         await enable(ws)
         conn = next(iter(gw.connections))
-        sock = conn.transport.underlying_transport.get_extra_info("socket")
+        sock = conn.transport.underlying_transport.get_extra_info("socket")  # type: ignore[union-attr]
         # Linux doubles the value it is given (socket(7)): the cap is in force.
         assert sock.getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF) == 2 * 8192

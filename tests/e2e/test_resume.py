@@ -33,6 +33,7 @@ async def resume(ws: websockets.ClientConnection, token: str, data_types: list[s
 
 
 async def current(gw: Gateway) -> dict[str, str]:
+    assert gw.directory is not None
     principal = gw.directory.principal(BOB[0])
     return (await gw.request_path.current_states(principal, [BOB_ACC]))[BOB_ACC]
 

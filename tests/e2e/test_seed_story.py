@@ -7,8 +7,10 @@ import json
 import smtplib
 import socket
 from email.message import EmailMessage
+from typing import Any
 
 import aiohttp
+import websockets
 
 from gateway.directory import account_id_for
 from tests.conftest import ADMIN, ALICE, BOB, GatewayFactory, basic, connect, http_url
@@ -34,10 +36,10 @@ def send_mail(port: int, to: str, subject: str) -> None:
         smtp.send_message(msg)
 
 
-async def request(ws: object, rid: str, calls: list[list[object]]) -> dict[str, object]:
-    await ws.send(json.dumps({"@type": "Request", "id": rid, "using": [CORE, MAIL], "methodCalls": calls}))  # type: ignore[attr-defined]
+async def request(ws: websockets.ClientConnection, rid: str, calls: list[list[object]]) -> dict[str, Any]:
+    await ws.send(json.dumps({"@type": "Request", "id": rid, "using": [CORE, MAIL], "methodCalls": calls}))
     while True:
-        msg = await recv_json(ws)  # type: ignore[arg-type]
+        msg = await recv_json(ws)
         if msg.get("requestId") == rid:
             return msg
 
@@ -50,14 +52,14 @@ async def test_seed_story(make_gateway: GatewayFactory) -> None:
     assert ws.subprotocol == "jmap"
     first = await request(ws, "r0", [["Email/get", {"accountId": acc, "ids": []}, "e"],
                                      ["Mailbox/get", {"accountId": acc, "ids": None}, "m"]])
-    email_state = first["methodResponses"][0][1]["state"]  # type: ignore[index]
-    mailbox_state = first["methodResponses"][1][1]["state"]  # type: ignore[index]
+    email_state = first["methodResponses"][0][1]["state"]
+    mailbox_state = first["methodResponses"][1][1]["state"]
     await ws.send(json.dumps({"@type": "WebSocketPushEnable", "dataTypes": ["Email", "Mailbox"]}))
 
     await asyncio.to_thread(send_mail, smtp_port, BOB[0], "seed story")
     push = await recv_json(ws)
     assert push["@type"] == "StateChange"
-    changed = push["changed"][acc]  # type: ignore[index]
+    changed = push["changed"][acc]
     assert set(changed) == {"Email", "Mailbox"}
 
     sync = await request(ws, "r1", [
@@ -68,7 +70,7 @@ async def test_seed_story(make_gateway: GatewayFactory) -> None:
         ["Mailbox/get", {"accountId": acc, "#ids": {"resultOf": "mc", "name": "Mailbox/changes", "path": "/updated"},
                          "properties": ["name", "role", "unreadEmails", "totalEmails"]}, "mg"],
     ])
-    responses = {call_id: (name, args) for name, args, call_id in sync["methodResponses"]}  # type: ignore[union-attr]
+    responses = {call_id: (name, args) for name, args, call_id in sync["methodResponses"]}
     assert responses["ec"][1]["newState"] == changed["Email"]
     emails = responses["eg"][1]["list"]
     assert [e["subject"] for e in emails] == ["seed story"]
@@ -93,10 +95,10 @@ async def test_delegate_receives_the_owners_changes(make_gateway: GatewayFactory
     alice = await connect(gw, ALICE)
     await alice.send(json.dumps({"@type": "WebSocketPushEnable", "dataTypes": ["Email"]}))
     got = await request(alice, "a1", [["Email/get", {"accountId": bob_acc, "ids": []}, "e"]])
-    assert got["methodResponses"][0][0] == "Email/get"  # type: ignore[index]
+    assert got["methodResponses"][0][0] == "Email/get"
     await asyncio.to_thread(send_mail, smtp_port, BOB[0], "for bob")
     push = await recv_json(alice)
-    assert push["@type"] == "StateChange" and list(push["changed"]) == [bob_acc]  # type: ignore[arg-type]
+    assert push["@type"] == "StateChange" and list(push["changed"]) == [bob_acc]
     await alice.close()
 
 

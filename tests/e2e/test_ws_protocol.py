@@ -12,6 +12,7 @@ import jwt
 import pytest
 import websockets
 from websockets.exceptions import ConnectionClosed, InvalidStatus
+from websockets.typing import Subprotocol
 
 from gateway.app import Gateway
 from tests.conftest import ALICE, BOB, GatewayFactory, basic, connect, http_url, ws_url
@@ -27,7 +28,7 @@ def echo(rid: str | None = "R1", **args: object) -> str:
     return json.dumps(msg, ensure_ascii=False)
 
 
-async def recv_json(ws: websockets.ClientConnection) -> dict[str, object]:
+async def recv_json(ws: websockets.ClientConnection) -> dict[str, Any]:
     return json.loads(await asyncio.wait_for(ws.recv(), 5))  # type: ignore[no-any-return]
 
 
@@ -173,11 +174,11 @@ async def test_tickets_are_single_use_and_expire(gateway: Gateway) -> None:
             ticket = (await r.json())["value"]
         async with http.post(http_url(gateway, "/jmap/ws/ticket")) as r:
             assert r.status == 401
-    async with websockets.connect(ws_url(gateway, f"ticket={ticket}"), subprotocols=["jmap"]) as ws:
+    async with websockets.connect(ws_url(gateway, f"ticket={ticket}"), subprotocols=[Subprotocol("jmap")]) as ws:
         await ws.send(echo("T1"))
         assert (await recv_json(ws))["requestId"] == "T1"
     with pytest.raises(InvalidStatus) as info:
-        await websockets.connect(ws_url(gateway, f"ticket={ticket}"), subprotocols=["jmap"])
+        await websockets.connect(ws_url(gateway, f"ticket={ticket}"), subprotocols=[Subprotocol("jmap")])
     assert info.value.response.status_code == 401
     assert gateway.directory is not None
     value, _ = gateway.auth.issue_ticket(gateway.directory.principal(ALICE[0]))
@@ -185,7 +186,7 @@ async def test_tickets_are_single_use_and_expire(gateway: Gateway) -> None:
     real_clock = tickets.clock
     tickets.clock = lambda: real_clock() + gateway.settings.ticket_ttl + 1
     with pytest.raises(InvalidStatus) as info:
-        await websockets.connect(ws_url(gateway, f"ticket={value}"), subprotocols=["jmap"])
+        await websockets.connect(ws_url(gateway, f"ticket={value}"), subprotocols=[Subprotocol("jmap")])
     assert info.value.response.status_code == 401
 
 
@@ -234,14 +235,14 @@ async def test_tickets_are_redeemable_on_any_process_sharing_the_key(make_gatewa
     assert issuer.directory is not None
     value, _ = issuer.auth.issue_ticket(issuer.directory.principal(ALICE[0]))
     with pytest.raises(InvalidStatus) as info:
-        await websockets.connect(ws_url(stranger, f"ticket={value}"), subprotocols=["jmap"])
+        await websockets.connect(ws_url(stranger, f"ticket={value}"), subprotocols=[Subprotocol("jmap")])
     assert info.value.response.status_code == 401
     body, _, signature = value.partition(".")
     forged = body[:-2] + ("AA" if body[-2:] != "AA" else "BB") + "." + signature
     with pytest.raises(InvalidStatus):
-        await websockets.connect(ws_url(other, f"ticket={forged}"), subprotocols=["jmap"])
-    async with websockets.connect(ws_url(other, f"ticket={value}"), subprotocols=["jmap"]) as ws:
+        await websockets.connect(ws_url(other, f"ticket={forged}"), subprotocols=[Subprotocol("jmap")])
+    async with websockets.connect(ws_url(other, f"ticket={value}"), subprotocols=[Subprotocol("jmap")]) as ws:
         await ws.send(echo("T2"))
         assert (await recv_json(ws))["requestId"] == "T2"
     with pytest.raises(InvalidStatus):  # single use on the process that redeemed it
-        await websockets.connect(ws_url(other, f"ticket={value}"), subprotocols=["jmap"])
+        await websockets.connect(ws_url(other, f"ticket={value}"), subprotocols=[Subprotocol("jmap")])

@@ -17,7 +17,11 @@ from typing import Any
 import aio_pika
 import pytest
 from aio_pika.abc import AbstractIncomingMessage, AbstractRobustConnection
-from amqp_support import (
+
+from gateway.bus.amqp import AmqpBus, BusUnavailableError, routing_key
+from gateway.bus.events import STATE_CHANGE_EVENT, StateChangeEvent, new_event
+from gateway.config import Settings
+from tests.integration.amqp_support import (
     SeverableProxy,
     SilentServer,
     bindings_of,
@@ -29,10 +33,6 @@ from amqp_support import (
     require_broker,
     require_rabbitmqctl,
 )
-
-from gateway.bus.amqp import AmqpBus, BusUnavailableError, routing_key
-from gateway.bus.events import STATE_CHANGE_EVENT, StateChangeEvent, new_event
-from gateway.config import Settings
 
 pytestmark = pytest.mark.amqp
 

@@ -30,15 +30,6 @@ import aio_pika
 import aiohttp
 import pytest
 import websockets
-from amqp_support import (
-    SeverableProxy,
-    bindings_of,
-    eventually,
-    eventually_async,
-    free_port,
-    require_broker,
-    require_rabbitmqctl,
-)
 from websockets.exceptions import ConnectionClosed
 from websockets.typing import Subprotocol
 
@@ -47,6 +38,15 @@ from gateway.bus.amqp import AmqpBus, routing_key
 from gateway.bus.events import STATE_CHANGE_EVENT
 from gateway.directory import account_id_for
 from tests.conftest import ADMIN, ALICE, BOB, CAROL, GatewayFactory, basic, settings_env
+from tests.integration.amqp_support import (
+    SeverableProxy,
+    bindings_of,
+    eventually,
+    eventually_async,
+    free_port,
+    require_broker,
+    require_rabbitmqctl,
+)
 
 pytestmark = pytest.mark.amqp
 
@@ -463,6 +463,7 @@ async def _broker_cut_scenario(exchange_name: str, make_gateway: GatewayFactory,
     for c in [*bobs, alice]:
         await c.enable()
     await bound(gw, BOB[0], ALICE[0])
+    assert gw.directory is not None
     principal = gw.directory.principal(BOB[0])
 
     async def truth() -> dict[str, str]:
@@ -589,7 +590,8 @@ async def test_workers_on_a_port_in_use_exit_1_with_one_line(spawn: Spawn, tmp_p
         gp = await spawn(wait=False, WORKERS="2", PORT=str(port), DB=str(tmp_path / "mail.sqlite3"))
         assert await asyncio.wait_for(gp.proc.wait(), 30) == 1
     lines = gp.stderr().splitlines()
-    assert lines == [f"jmap-gateway: cannot start: cannot bind 127.0.0.1:{port}: Address already in use"]
+    assert lines == [f"jmap-gateway: cannot start: 127.0.0.1:{port} (HTTP/WebSocket) is already in use; "
+                     "set GATEWAY_PORT to a free port (0 = any free port)"]
 
 
 # --- GATEWAY_WORKERS ------------------------------------------------------------------------------------

@@ -38,7 +38,7 @@ def mail(subject: str, to: str) -> bytes:
 async def request(ws: websockets.ClientConnection, rid: str, calls: list[list[Any]]) -> dict[str, Any]:
     await ws.send(json.dumps({"@type": "Request", "id": rid, "using": [CORE, MAIL], "methodCalls": calls}))
     while True:
-        msg: dict[str, Any] = await recv_json(ws)  # type: ignore[assignment]
+        msg: dict[str, Any] = await recv_json(ws)
         if msg.get("requestId") == rid:
             return msg
 

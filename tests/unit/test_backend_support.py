@@ -7,16 +7,28 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from email.utils import make_msgid
-from typing import Any
+from typing import Any, Protocol, cast
 
 from gateway.backend.service import EmbeddedBackend
 from gateway.bus.events import StateChangeEvent
 from gateway.config import Settings
 from gateway.directory import Directory, Principal, account_id_for
-from gateway.jmap.types import CORE, MAIL, SUBMISSION, VACATION, ApiRequest, ApiResponse, Invocation
+from gateway.jmap.types import CORE, MAIL, SUBMISSION, VACATION, ApiRequest, Invocation
 
 BOB, ALICE, CAROL = "bob@example.com", "alice@example.com", "carol@example.com"
 USING = [CORE, MAIL, SUBMISSION, VACATION]
+
+
+class Answer(Protocol):
+    """An ApiResponse of the embedded backend: its methodResponses are always decoded, never raw (only a request
+    path that relays an upstream's answer hands them on as msgspec.Raw)."""
+
+    @property
+    def methodResponses(self) -> list[Invocation]: ...
+    @property
+    def sessionState(self) -> str: ...
+    @property
+    def createdIds(self) -> dict[str, str] | None: ...
 
 
 @dataclass
@@ -51,10 +63,10 @@ class Client:
         return account_id_for(self.username)
 
     async def request(self, calls: Sequence[Invocation | list[Any]], using: Sequence[str] = USING,
-                      created_ids: dict[str, str] | None = None) -> ApiResponse:
+                      created_ids: dict[str, str] | None = None) -> Answer:
         method_calls = [(c[0], c[1], c[2]) for c in calls]
-        return await self.env.backend.call(
-            self.principal, ApiRequest(using=list(using), methodCalls=method_calls, createdIds=created_ids))
+        return cast(Answer, await self.env.backend.call(
+            self.principal, ApiRequest(using=list(using), methodCalls=method_calls, createdIds=created_ids)))
 
     async def invoke(self, name: str, args: dict[str, Any] | None = None, *, account: str | None = None,
                      using: Sequence[str] = USING) -> Invocation:
@@ -171,3 +183,16 @@ PDF_BYTES = b"%PDF-1.4\n%\xc7\xec\x8f\xa2\n1 0 obj\n<<>>\nendobj\ntrailer\n<<>>\
 async def deliver(env: Env, raw: bytes, to: str = BOB) -> str:
     """Deliver `raw` to `to` as SMTP would; the new emailId."""
     return (await env.backend.deliver([to], raw))[to]
+
+
+def parts_by_id(structure: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    out: dict[str, dict[str, Any]] = {}
+
+    def walk(node: dict[str, Any]) -> None:
+        if node["partId"]:
+            out[node["partId"]] = node
+        for sub in node.get("subParts", ()):
+            walk(sub)
+
+    walk(structure)
+    return out

@@ -15,7 +15,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from gateway import native
-from tests.native_impl import load_impl
+from tests.native_impl import load_bench, load_impl
 
 TEXT = 1
 HEADROOM = 14
@@ -98,20 +98,38 @@ def test_target_defaults(impl: ModuleType) -> None:
     assert t.deflate is False
     assert t.paused is False
     assert t.pending is None
-    assert t.key is None
     assert impl.Target(transport, True).deflate is True
     assert impl.Target(transport, deflate=True).deflate is True
 
 
 def test_target_attributes_are_writable_and_closed(impl: ModuleType) -> None:
     t = impl.Target(None)
-    t.key = ("acc", None)
     t.pending = {"a": {"Email": "1"}}
     t.paused = True
     t.deflate = True
-    assert (t.key, t.pending, t.paused, t.deflate) == (("acc", None), {"a": {"Email": "1"}}, True, True)
+    assert (t.pending, t.paused, t.deflate) == ({"a": {"Email": "1"}}, True, True)
     with pytest.raises(AttributeError):
         t.something_else = 1
+    with pytest.raises(AttributeError):
+        t.key = ("acc", None)  # the hub's variant key lives in its Subscription, not on the target
+
+
+def test_flags_read_back_as_bools(impl: ModuleType) -> None:
+    # The compiled Target holds deflate and paused as C ints (bint); the twin coerces the same way.
+    t = impl.Target(None, [1])
+    assert t.deflate is True
+    t.paused, t.deflate = [], 0
+    assert (t.paused, t.deflate) == (False, False) and type(t.paused) is type(t.deflate) is bool
+    t.paused = "yes"
+    assert t.paused is True
+
+    class Undecided:
+        def __bool__(self) -> bool:
+            raise ValueError("no truth value")
+
+    with pytest.raises(ValueError):
+        t.paused = Undecided()
+    assert t.paused is True
 
 
 def test_targets_hash_by_identity(impl: ModuleType) -> None:
@@ -316,7 +334,11 @@ def test_wrong_argument_types_are_refused(impl: ModuleType, args: tuple[Any, Any
 
 def test_a_fake_transport_is_not_taken_for_a_picows_one(both: tuple[ModuleType, ModuleType]) -> None:
     compiled, _ = both
-    assert compiled._is_fast_path(compiled.Target(FakeTransport("x", Frames()))) is False
+    bench = load_bench()
+    t = compiled.Target(FakeTransport("x", Frames()))
+    assert bench.is_fast_path(t) is False
+    with pytest.raises(TypeError):
+        bench.is_fast_path(object())  # the helper reads Target's C field: nothing else is accepted
 
 
 # --- native ≡ Python -------------------------------------------------------------------------------------

@@ -60,3 +60,10 @@ def test_settings_and_specs_are_one_table() -> None:
     assert fields == {spec.attr for spec in SPECS}
     assert all(f.default is dataclasses.MISSING for f in dataclasses.fields(Settings))
     assert Settings.defaults(port=1).port == 1 and Settings.defaults() == load({})
+
+
+def test_the_readme_table_shows_the_defaults_of_the_specs() -> None:
+    # `--help` and `jmap-gateway settings` print the SPECS table itself; the README mirrors it.
+    rows = dict(re.findall(r"^\|\s*`(GATEWAY_[A-Z0-9_]+)`\s*\|\s*([^|]*?)\s*\|", README.read_text(), flags=re.M))
+    for spec in SPECS:
+        assert rows[spec.name] == (f"`{spec.default}`" if spec.default else "(unset)"), spec.name

@@ -267,3 +267,15 @@ async def test_a_batch_is_merged_per_account_one_write_per_socket() -> None:
         {ACC: {"Email": "e2", "Mailbox": "m2", "Thread": "t3"}})
     assert changed(alice) == [{alice_acc: {"Email": "a1"}}]
     assert hub.stats.events == 5 and hub.stats.pushes == 2
+
+
+async def test_principals_covering_an_owner() -> None:
+    hub, _, _ = make()
+    bob_alone, bob_again = target(), target()
+    await hub.enable(bob_alone, BOB, None, None, lambda: True)
+    await hub.enable(bob_again, BOB, frozenset({"Email"}), None, lambda: True)
+    assert hub.principals_of("bob") == [BOB]  # one principal, however many of its sessions
+    assert hub.principals_of("alice") == []
+    hub.disable(bob_alone)
+    hub.disable(bob_again)
+    assert hub.principals_of("bob") == []

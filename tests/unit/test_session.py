@@ -37,8 +37,8 @@ from gateway.session import (
 )
 from tests.native_impl import load_impl
 
-LIMITS = dict(max_calls=4, max_concurrent=2, ping_interval=30.0, ping_timeout=10.0, slow_timeout=5.0,
-              slow_max_bytes=1000)
+LIMITS: dict[str, Any] = dict(max_calls=4, max_concurrent=2, ping_interval=30.0, ping_timeout=10.0,
+                              slow_timeout=5.0, slow_max_bytes=1000)
 
 
 @pytest.fixture(params=["native", "python"])

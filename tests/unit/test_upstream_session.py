@@ -9,7 +9,7 @@ import json
 import pytest
 
 from gateway.directory import account_id_for
-from gateway.errors import request_error_of
+from gateway.errors import RequestLevelError, request_error_of
 from gateway.upstream.client import error_from_upstream, expand
 from gateway.upstream.session import (
     Credentials,
@@ -89,6 +89,7 @@ def test_upstream_errors_map_to_request_level_errors() -> None:
     problem = {"type": "urn:ietf:params:jmap:error:limit", "status": 400, "detail": "too big",
                "limit": "maxSizeRequest"}
     err = error_from_upstream(400, json.dumps(problem).encode())
+    assert isinstance(err, RequestLevelError)
     assert (err.type_uri, err.status, err.detail, err.limit) == (problem["type"], 400, "too big", "maxSizeRequest")
     for status, type_uri, mapped in ((503, "serverUnavailable", 503), (504, "serverUnavailable", 503),
                                      (500, "serverFail", 500)):

@@ -8,7 +8,6 @@ from __future__ import annotations
 from datetime import UTC, datetime
 from typing import Any
 
-from gateway.backend import mime
 from gateway.backend.methods.common import (
     QUERY_ARGS,
     SET_ARGS,
@@ -32,6 +31,9 @@ from gateway.backend.methods.common import (
 )
 from gateway.backend.methods.common import changes as changes_of
 from gateway.backend.methods.query import SORT_OPTIONS, compile_filter, compile_sort, valid_keyword
+from gateway.backend.mime.common import format_utc, parse_date, parse_header_property
+from gateway.backend.mime.compose import ComposeError, MissingBlobs, compose_message
+from gateway.backend.mime.parse import body_values, header_value, leaf_content, parse_message
 from gateway.backend.store import EmailRow, Store
 
 # RFC 8621 §4.1 properties this server returns, and §4.2's defaults for Email/get.
@@ -57,7 +59,7 @@ QUERY_LIMIT = 1000
 
 def _header_property(prop: str) -> bool:
     try:
-        return mime.parse_header_property(prop) is not None
+        return parse_header_property(prop) is not None
     except ValueError as exc:
         raise invalid(f"Bad header property {prop!r}: {exc}.") from None
 
@@ -67,8 +69,8 @@ def _part(node: dict[str, Any], body_props: list[str], tree: bool) -> dict[str, 
     for bp in body_props:
         if bp == "subParts":
             continue
-        hp = mime.parse_header_property(bp)
-        out[bp] = mime.header_value(node["headers"], hp) if hp else node.get(bp)
+        hp = parse_header_property(bp)
+        out[bp] = header_value(node["headers"], hp) if hp else node.get(bp)
     if tree and "subParts" in node:
         # A multipart node always shows its children: bodyStructure is a tree or it is nothing.
         out["subParts"] = [_part(sub, body_props, True) for sub in node["subParts"]]
@@ -137,7 +139,7 @@ def _email_object(store: Store, row: EmailRow, props: list[str], body_props: lis
         elif p == "size":
             out[p] = row.size
         elif p == "receivedAt":
-            out[p] = mime.format_utc(row.received_at)
+            out[p] = format_utc(row.received_at)
         elif p in _META_PROPERTIES:
             out[p] = meta[p]
         elif p == "bodyStructure":
@@ -157,11 +159,11 @@ def _email_object(store: Store, row: EmailRow, props: list[str], body_props: lis
                 if fetch_html:
                     wanted += _text_ids(meta["htmlBody"], index)
             raw = store.blob(row.blob_id) if wanted else None
-            out[p] = mime.body_values(raw, wanted, max_bytes) if raw is not None else {}
+            out[p] = body_values(raw, wanted, max_bytes) if raw is not None else {}
         else:
-            hp = mime.parse_header_property(p)
+            hp = parse_header_property(p)
             assert hp is not None
-            out[p] = mime.header_value(meta["headers"], hp)
+            out[p] = header_value(meta["headers"], hp)
     return out
 
 
@@ -174,7 +176,7 @@ def read_blob(store: Store, account_id: str, blob_id: str) -> bytes | None:
     raw = store.blob(message_blob)
     if raw is None or not part_id:
         return raw
-    return mime.leaf_content(raw, part_id)
+    return leaf_content(raw, part_id)
 
 
 def changes(ctx: Context, raw: dict[str, Any]) -> dict[str, Any]:
@@ -322,31 +324,31 @@ def set_(ctx: Context, raw: dict[str, Any]) -> dict[str, Any]:
                 keywords = _keywords(obj["keywords"]) if obj.get("keywords") is not None else set()
                 received_at = int(ctx.clock())
                 if obj.get("receivedAt") is not None:
-                    when = mime.parse_date(obj["receivedAt"], utc=True)
+                    when = parse_date(obj["receivedAt"], utc=True)
                     if when is None:
                         raise _SetError(invalid_properties(["receivedAt"], "receivedAt must be a UTCDate."))
                     received_at = int(when.timestamp())
                 content = {k: v for k, v in obj.items() if k not in ("mailboxIds", "keywords", "receivedAt")}
-                raw_message = mime.compose_message(
+                raw_message = compose_message(
                     content, fetch_blob=lambda b: read_blob(store, account_id, b), id_domain=id_domain,
                     now=datetime.fromtimestamp(ctx.clock(), UTC))
             except _SetError as exc:
                 result.not_created[creation_id] = exc.error
                 continue
-            except mime.ComposeError as exc:
+            except ComposeError as exc:
                 result.not_created[creation_id] = invalid_properties(exc.properties, exc.description)
                 continue
-            except mime.MissingBlobs as exc:
+            except MissingBlobs as exc:
                 result.not_created[creation_id] = set_error(
                     "blobNotFound", "Some blobIds are not in this account.", notFound=exc.blob_ids)
                 continue
-            parsed = mime.parse_message(raw_message)
+            parsed = parse_message(raw_message)
             email_id, thread_id = writer.insert_email(parsed, raw_message, mailboxes, keywords, received_at)
             ctx.created_ids[creation_id] = email_id
             created: dict[str, Any] = {"id": email_id, "blobId": parsed.blob_id, "threadId": thread_id,
                                        "size": parsed.size}
             if obj.get("receivedAt") is None:
-                created["receivedAt"] = mime.format_utc(received_at)
+                created["receivedAt"] = format_utc(received_at)
             result.created[creation_id] = created
 
         targets = {r: ctx.resolve_id(r) for r in [*req.update, *req.destroy]}

@@ -8,7 +8,7 @@ from __future__ import annotations
 from typing import Any
 
 from gateway.backend.methods.common import Context, invalid, walk_filter
-from gateway.backend.mime import parse_date
+from gateway.backend.mime.common import parse_date
 from gateway.errors import MethodError
 
 # RFC 8621 §4.4.2: the sort properties offered (and advertised as emailQuerySortOptions).

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 from typing import Any
 
-from gateway.backend import mime
 from gateway.backend.methods.common import (
     SET_ARGS,
     Args,
@@ -22,6 +21,7 @@ from gateway.backend.methods.common import (
     patch_paths,
     set_error,
 )
+from gateway.backend.mime.common import parse_date
 
 SINGLETON = "singleton"
 PROPERTIES = ("id", "isEnabled", "fromDate", "toDate", "subject", "textBody", "htmlBody")
@@ -52,7 +52,7 @@ def _check(prop: str, value: Any) -> Any:
         if not isinstance(value, bool):
             raise ValueError("isEnabled must be a boolean")
     elif prop in ("fromDate", "toDate"):
-        if value is not None and mime.parse_date(value, utc=True) is None:
+        if value is not None and parse_date(value, utc=True) is None:
             raise ValueError(f"{prop} must be a UTCDate or null")
     elif value is not None and not isinstance(value, str):
         raise ValueError(f"{prop} must be a string or null")

@@ -1,0 +1,194 @@
+"""Apache James's StateChangeEvent codec (gateway.bus.events, DESIGN.md §5): round trips of objects and arrays,
+the legacy per-type fields, unknown type names kept, and poison bodies, which always raise EventDecodeError and
+nothing else."""
+
+from __future__ import annotations
+
+import json
+import uuid
+from typing import Any
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from gateway.bus.events import (
+    STATE_CHANGE_EVENT,
+    EventDecodeError,
+    StateChangeEvent,
+    decode_events,
+    encode_events,
+    new_event,
+)
+
+# Type names: JMAP's, and anything else (custom data types exist and must pass through as they are).
+TYPE_NAMES = st.sampled_from(["Email", "Mailbox", "Thread", "EmailDelivery", "VacationResponse"]) | st.text(
+    min_size=1, max_size=12)
+STATES = st.dictionaries(TYPE_NAMES, st.text(max_size=12), max_size=5)
+USERNAMES = st.text(min_size=1, max_size=24)
+EVENT_IDS = st.uuids().map(str) | st.text(min_size=1, max_size=12)
+EVENTS = st.builds(StateChangeEvent, username=USERNAMES, typeStates=STATES, eventId=EVENT_IDS)
+
+LEGACY = {"mailboxState": "Mailbox", "emailState": "Email", "vacationResponseState": "VacationResponse",
+          "emailDeliveryState": "EmailDelivery"}
+
+
+def james(**fields: Any) -> bytes:
+    """A body as James writes it (with `type` first), with `fields` added or overriding."""
+    return json.dumps({"type": STATE_CHANGE_EVENT, **fields}).encode()
+
+
+# --- round trips -----------------------------------------------------------------------------------------
+
+@given(st.lists(EVENTS, min_size=1, max_size=4))
+def test_encode_then_decode_gives_the_same_events(events: list[StateChangeEvent]) -> None:
+    body = encode_events(events)
+    assert decode_events(body) == events
+    # One event is written as an object, several as an array (James reads both).
+    assert body[:1] == (b"{" if len(events) == 1 else b"[")
+
+
+@given(EVENTS)
+def test_one_event_reads_the_same_as_an_object_or_a_one_element_array(event: StateChangeEvent) -> None:
+    body = encode_events([event])
+    assert decode_events(b"[" + body + b"]") == decode_events(body) == [event]
+
+
+@given(USERNAMES, STATES)
+def test_the_wire_form_is_james_s(username: str, states: dict[str, str]) -> None:
+    event = new_event(username, states)
+    wire = json.loads(encode_events([event]))
+    assert wire == {"type": STATE_CHANGE_EVENT, "eventId": event.eventId, "username": username,
+                    "typeStates": states}
+    assert uuid.UUID(event.eventId).version == 4
+
+
+@given(USERNAMES, st.dictionaries(st.text(min_size=1, max_size=20), st.text(max_size=8), max_size=6))
+def test_unknown_type_names_are_kept_as_they_are(username: str, states: dict[str, str]) -> None:
+    (event,) = decode_events(james(username=username, typeStates=states, eventId="e"))
+    assert event.typeStates == states
+
+
+@given(USERNAMES, st.dictionaries(st.sampled_from(sorted(LEGACY)), st.text(max_size=8)))
+def test_legacy_fields_become_type_states(username: str, legacy: dict[str, str]) -> None:
+    # Older James versions write one field per type instead of `typeStates`.
+    (event,) = decode_events(james(username=username, eventId="e", **legacy))
+    assert event.typeStates == {LEGACY[name]: state for name, state in legacy.items()}
+
+
+def test_type_states_win_over_legacy_fields() -> None:
+    (event,) = decode_events(james(username="bob", typeStates={"Email": "new"}, emailState="old",
+                                   mailboxState="m"))
+    assert event.typeStates == {"Email": "new"}
+
+
+@pytest.mark.parametrize("fields", [{}, {"eventId": ""}])
+def test_an_event_without_an_id_gets_a_fresh_one(fields: dict[str, Any]) -> None:
+    body = james(username="bob", typeStates={"Email": "1"}, **fields)
+    first, second = decode_events(body)[0].eventId, decode_events(body)[0].eventId
+    assert first != second and uuid.UUID(first).version == 4
+
+
+def test_fields_james_may_add_later_are_ignored() -> None:
+    (event,) = decode_events(james(username="bob", typeStates={"Email": "1"}, eventId="e",
+                                   sequence=7, extra={"nested": [1, 2]}))
+    assert event == StateChangeEvent(username="bob", typeStates={"Email": "1"}, eventId="e")
+
+
+def test_an_empty_array_is_no_events() -> None:
+    assert decode_events(b"[]") == []
+
+
+def test_bytes_like_bodies() -> None:
+    body = james(username="bob", typeStates={"Email": "1"}, eventId="e")
+    assert decode_events(bytearray(body)) == decode_events(memoryview(body)) == decode_events(body)
+
+
+# --- poison ----------------------------------------------------------------------------------------------
+
+POISON = [
+    b"",
+    b"not json",
+    b"\xff\xfe\x00",
+    b"null",
+    b"42",
+    b'"a string"',
+    b"[1, 2]",
+    b"[[]]",
+    b"[" * 10_000,
+    james(type="org.apache.james.events.SomethingElse", username="bob", typeStates={}),  # unknown type
+    json.dumps({"username": "bob", "typeStates": {"Email": "1"}}).encode(),  # no type
+    james(typeStates={"Email": "1"}),  # no username
+    james(username="", typeStates={"Email": "1"}),
+    james(username=None, typeStates={"Email": "1"}),
+    james(username="bob", typeStates={"Email": 1}),
+    james(username="bob", typeStates=["Email", "1"]),
+    james(username="bob", emailState=5),
+    james(username="bob", typeStates={"Email": "1"}, eventId=7),
+    james(username="bob", typeStates={"Email": "1"}, eventId=None),
+    # One bad event spoils the whole body: an array is acked or rejected as one message.
+    b"[" + james(username="bob", typeStates={}) + b"," + james(username="", typeStates={}) + b"]",
+    b'{"type":"' + STATE_CHANGE_EVENT.encode() + b'","username":"b\\ud800","typeStates":{}}',  # lone surrogate
+    b'{"type":"' + STATE_CHANGE_EVENT.encode() + b'","username":"b\xff","typeStates":{}}',  # not UTF-8
+    james(username="bob", typeStates={"Email": "1"})[:-1],  # truncated
+]
+
+
+@pytest.mark.parametrize("body", POISON)
+def test_poison_bodies_raise_event_decode_error(body: bytes) -> None:
+    with pytest.raises(EventDecodeError):
+        decode_events(body)
+
+
+def test_event_decode_error_is_a_gateway_error() -> None:
+    # One hierarchy (gateway.errors): an injector's bad body maps to a 400 through the error mapper.
+    from gateway.errors import GatewayError
+
+    assert issubclass(EventDecodeError, GatewayError)
+
+
+def _decodes_or_is_poison(body: bytes) -> None:
+    try:
+        events = decode_events(body)
+    except EventDecodeError:
+        return
+    for event in events:  # what does decode is a well-formed event
+        assert isinstance(event, StateChangeEvent) and event.username and event.type == STATE_CHANGE_EVENT
+        assert all(isinstance(k, str) and isinstance(v, str) for k, v in event.typeStates.items())
+
+
+@given(st.binary(max_size=200))
+def test_arbitrary_bytes_decode_or_are_poison(body: bytes) -> None:
+    _decodes_or_is_poison(body)
+
+
+JSON = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False, allow_infinity=False) | st.text(max_size=8),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner, max_size=4),
+    max_leaves=20,
+)
+
+
+@given(JSON)
+def test_arbitrary_json_decodes_or_is_poison(value: Any) -> None:
+    _decodes_or_is_poison(json.dumps(value).encode())
+
+
+FIELDS = ["type", "username", "eventId", "typeStates", *LEGACY]
+
+
+@given(EVENTS, st.sampled_from(FIELDS), JSON)
+def test_a_valid_event_with_one_field_replaced_decodes_or_is_poison(event: StateChangeEvent, field: str,
+                                                                     value: Any) -> None:
+    wire = json.loads(encode_events([event]))
+    wire[field] = value
+    _decodes_or_is_poison(json.dumps(wire).encode())
+
+
+@given(EVENTS, st.sampled_from(["type", "username", "typeStates"]),
+       st.integers() | st.lists(st.integers(), max_size=2) | st.booleans())
+def test_a_wrongly_typed_required_field_is_poison(event: StateChangeEvent, field: str, value: Any) -> None:
+    wire = json.loads(encode_events([event]))
+    wire[field] = value
+    with pytest.raises(EventDecodeError):
+        decode_events(json.dumps(wire).encode())
