@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 from jmap.auth import BasicAuth
 from jmap.client import JMAPClient
+from jmap.core.ids import Id
 from jmap.models.push import StateChange
 from jmap.push import WebSocketClient
 
@@ -61,7 +62,7 @@ def next_change(ws: WebSocketClient) -> StateChange:
 def test_jmaplib_resume_gets_the_missed_change(gateway: GatewayProcess) -> None:
     # jmaplib takes its default account from primaryAccounts["urn:ietf:params:jmap:core"]; the gateway names
     # primary accounts per account capability (RFC 8620 §2), and core is none: name the account.
-    with JMAPClient.connect(gateway.base + "/.well-known/jmap", auth=BasicAuth(*BOB), account_id=BOB_ACC) as client:
+    with JMAPClient.connect(gateway.base + "/.well-known/jmap", auth=BasicAuth(*BOB), account_id=Id(BOB_ACC)) as client:
         with WebSocketClient(client) as ws:
             ws.enable_push(TYPES)
             # A request over the same socket: its answer comes after the enable was read.

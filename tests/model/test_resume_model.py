@@ -45,8 +45,9 @@ import shutil
 import tempfile
 import time
 from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, ClassVar, Literal
+from typing import Any, ClassVar, Literal, TypeVar
 
 import pytest
 from hypothesis import Phase, event, note, settings
@@ -81,7 +82,7 @@ OWNER = {BOB_ACC: BOB, ALICE_ACC: ALICE}
 GARBAGE_TOKENS = ("not-a-push-state", "1@@@@", "1" + "A" * 7)
 # Bob's first device carries most of the story; the others make the hub's bookkeeping per account matter.
 DEVICE = st.sampled_from(["bob1", "bob1", "bob2", "alice"])
-TYPES = st.one_of(st.just(None), st.just(ABSENT), st.just(frozenset()),
+TYPES: st.SearchStrategy[Any] = st.one_of(st.just(None), st.just(ABSENT), st.just(frozenset()),
                   st.frozensets(st.sampled_from((*ALL, UNKNOWN)), min_size=1))
 
 MINUTES = float(os.environ.get("RESUME_MODEL_MINUTES", "0") or 0)
@@ -100,10 +101,11 @@ BATCH = settings(max_examples=10, stateful_step_count=30, deadline=None,
 # examples left most histories without a resume after a missed change. The weights keep histories dense in
 # resumes and changes, and restarts (about a second each) rare.
 ACTIONS: dict[str, tuple[int, dict[str, st.SearchStrategy[Any]]]] = {}
+Action = TypeVar("Action", bound=Callable[..., None])
 
 
-def action(weight: int, **strategies: st.SearchStrategy[Any]) -> Any:
-    def register(fn: Any) -> Any:
+def action(weight: int, **strategies: st.SearchStrategy[Any]) -> Callable[[Action], Action]:
+    def register(fn: Action) -> Action:
         ACTIONS[fn.__name__] = (weight, strategies)
         return fn
     return register
@@ -310,7 +312,8 @@ class ResumeModel(RuleBasedStateMachine):
 
         if not d.socket.pump(current):
             value = d.known.get(acc, {}).get(ED)
-            self._fail(d, f"EmailDelivery of {acc} is {value!r}, the state after {counts.get(value)} deliveries; "
+            after = None if value is None else counts.get(value)
+            self._fail(d, f"EmailDelivery of {acc} is {value!r}, the state after {after} deliveries; "
                           f"{count} happened")
         value = d.known[acc][ED]
         if value not in counts:
@@ -476,7 +479,7 @@ def _step_rule(self: ResumeModel, data: st.DataObject) -> None:
     getattr(self, name)(**kwargs)
 
 
-ResumeModel.step = _step_rule  # type: ignore[attr-defined]
+ResumeModel.step = _step_rule
 
 
 def _run(batch: settings) -> None:
