@@ -1,8 +1,8 @@
 """pushState resume over real sockets in the all-in-one role (RFC 8887 §4.3.5.2): a client that reconnects with
 its last pushState is pushed every type that moved while it was away, whoever (or nobody) kept the node bound.
 
-The whole-history proof is the model-based test (test_resume_model.py); these are the reporter's steps and the
-rules for types that only the bus carries, each as one readable story.
+The whole-history proof is the model-based test (tests/model/test_resume_model.py); these are the reporter's steps
+and the rules for types that only the bus carries, each as one readable story.
 """
 
 from __future__ import annotations

@@ -265,9 +265,6 @@ def test_a_change_right_after_a_resume_on_a_node_with_a_slow_broker_link(tmp_pat
         proxy.close()
 
 
-@pytest.mark.xfail(strict=True, reason="known gap: with no pushState the node reads the states once its binding is "
-                   "confirmed but pushes nothing, and the client's own /get may be older than that: a change between "
-                   "the two is never pushed (strict: remove this mark once it is fixed)")
 def test_a_change_right_after_an_enable_without_push_state_on_a_node_with_a_slow_broker_link(
         tmp_path: Path) -> None:
     """RFC 8887 §4.3.5.2 and RFC 8620 §7: a client that enables push without a pushState reads the states itself
