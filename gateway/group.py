@@ -260,12 +260,20 @@ class WorkerLink:
 # --- the supervisor's end -------------------------------------------------------------------------------------
 
 class _Member:
-    __slots__ = ("channel", "last", "ready")
+    __slots__ = ("channel", "last", "last_id", "ready")
 
     def __init__(self, channel: Channel) -> None:
         self.channel = channel
         self.ready = False
-        self.last: list[Family] = []  # the counters and histograms it reported last
+        self.last: list[Family] = []  # the counters and histograms of its newest figures
+        self.last_id = 0  # the request those were the answer to
+
+    def seen(self, answer: Figures) -> None:
+        # Request ids grow on a channel and a worker answers Collects in their order (each at once), so a higher
+        # id is newer figures: with concurrent scrapes (two Prometheus servers) an older answer arriving last must
+        # not replace a newer one, or a later page could count less than an earlier one.
+        if answer.id > self.last_id:
+            self.last, self.last_id = cumulative(answer.families), answer.id
 
 
 class GroupHub:
@@ -276,7 +284,9 @@ class GroupHub:
         self.size = size
         self.restarts = 0
         self._members: dict[int, _Member] = {}
-        self._retired: list[Family] = []  # counters and histograms of workers that died
+        self._gone: list[_Member] = []  # workers that died, while a page being gathered may still hear from them
+        self._retired: list[Family] = []  # the counters and histograms of workers that died, summed
+        self._gathering = 0  # pages waiting for workers' figures
 
     def handler(self, index: int) -> Handler:
         return lambda request: self._handle(index, request)
@@ -297,9 +307,18 @@ class GroupHub:
         member = self._members.pop(index, None)
         if member is None:
             return None
-        if member.last:
-            self._retired = merge([("", self._retired), ("", member.last)])
+        self._gone.append(member)
+        self._fold()
         return member.channel
+
+    def _fold(self) -> None:
+        # Only while no page waits: figures it asked a dead worker for before its death may still arrive, and
+        # must land on the member, not be lost beside a sum that already holds the member's older figures.
+        if self._gathering:
+            return
+        if self._gone:
+            self._retired = merge([("", self._retired), *(("", m.last) for m in self._gone)])
+            self._gone.clear()
 
     def channels(self) -> list[Channel]:
         return [m.channel for m in self._members.values()]
@@ -313,24 +332,32 @@ class GroupHub:
         raise GroupError(f"the supervisor does not answer {type(request).__name__}")
 
     async def page(self) -> bytes:
-        """The group's Prometheus page: every ready worker's figures now, the others' counters as last seen."""
-        members = sorted(self._members.items())
-        asked = [(i, m) for i, m in members if m.ready]
-        answers = await asyncio.gather(*(self._collect(m) for _, m in asked))
-        fresh = {i for (i, _), answer in zip(asked, answers, strict=True) if answer is not None}
+        """The group's Prometheus page: every ready worker's figures now, the others' counters as last seen,
+        those of dead workers for good."""
+        asked = [(i, m) for i, m in sorted(self._members.items()) if m.ready]
+        self._gathering += 1
+        try:
+            answers = await asyncio.gather(*(self._collect(m) for _, m in asked))
+        finally:
+            self._gathering -= 1
+        # From here on no await: the members, the gone and the retired are read as of one moment.
         parts: list[tuple[str, list[Family]]] = []
+        fresh: set[int] = set()
         for (i, member), answer in zip(asked, answers, strict=True):
             if answer is not None:
-                member.last = cumulative(answer)
-                parts.append((str(i), answer))
-        parts += [(str(i), m.last) for i, m in members if i not in fresh and m.last]
+                member.seen(answer)
+                parts.append((str(i), answer.families))
+                fresh.add(id(member))
+        parts += [(str(i), m.last) for i, m in sorted(self._members.items()) if id(m) not in fresh and m.last]
+        parts += [("retired", m.last) for m in self._gone if id(m) not in fresh and m.last]
         parts.append(("retired", self._retired))
         parts.append(("0", self._own(len(fresh))))
+        self._fold()
         return exposition(merge(parts))
 
-    async def _collect(self, member: _Member) -> list[Family] | None:
+    async def _collect(self, member: _Member) -> Figures | None:
         try:
-            return (await member.channel.ask(Collect, Figures, COLLECT_TIMEOUT)).families
+            return await member.channel.ask(Collect, Figures, COLLECT_TIMEOUT)
         except GroupError as exc:
             log.warning("a worker's figures are missing from a scrape: %s", exc)
             return None

@@ -209,3 +209,72 @@ async def test_a_worker_without_its_supervisor_answers_503() -> None:
     with pytest.raises(Unavailable, match="cannot be gathered"):
         await metrics.exposition()
     await link.close()
+
+
+class Held:
+    """A worker's end whose answers to Collect are computed at once (as a WorkerLink does) and released on demand."""
+
+    def __init__(self, hub: GroupHub, index: int) -> None:
+        self.hub, self.index = hub, index
+        self.metrics = Metrics()
+        self.held: list[asyncio.Event] = []
+        self.asked = 0
+        self.stuck = False
+
+    async def start(self) -> None:
+        ours, theirs = socket.socketpair()
+        self.hub.join(self.index, await Channel.open(ours, self.hub.handler(self.index)))
+        self.hub.mark_ready(self.index)
+        self.end = await Channel.open(theirs, self.answer)
+
+    async def answer(self, request: Request) -> group.Reply:
+        assert isinstance(request, Collect)
+        reply = Figures(request.id, figures(self.metrics.registry))  # the figures of this moment
+        self.asked += 1
+        release = asyncio.Event()
+        self.held.append(release)
+        if self.stuck:
+            await asyncio.Event().wait()
+        await release.wait()
+        return reply
+
+    async def wait_asked(self, n: int) -> None:
+        async with asyncio.timeout(5):
+            while self.asked < n:  # poll: the Collect has reached this end
+                await asyncio.sleep(0.01)
+
+
+async def test_an_older_answer_arriving_last_does_not_make_the_counters_go_back(
+        hub: GroupHub, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(group, "COLLECT_TIMEOUT", 0.2)
+    worker = Held(hub, 1)
+    await worker.start()
+    worker.metrics.message_in()
+    first = asyncio.ensure_future(hub.page())  # e.g. two Prometheus servers scraping at once
+    await worker.wait_asked(1)
+    worker.metrics.message_in()
+    second = asyncio.ensure_future(hub.page())
+    await worker.wait_asked(2)
+    worker.held[1].set()
+    assert values(await second)["gateway_messages_in_total"] == 2
+    worker.held[0].set()
+    assert values(await first)["gateway_messages_in_total"] == 1  # its own moment's figures
+    worker.stuck = True
+    assert values(await hub.page())["gateway_messages_in_total"] == 2  # the newest it ever reported
+    await worker.end.close()
+
+
+async def test_a_worker_dying_while_a_page_waits_for_it_is_counted_once(hub: GroupHub) -> None:
+    worker, other = Held(hub, 1), await join(hub, 2)
+    await worker.start()
+    worker.metrics.message_in()
+    other.metrics.message_in()
+    waiting = asyncio.ensure_future(hub.page())
+    await worker.wait_asked(1)
+    hub.leave(1)  # its process ended after it computed its figures, before they arrived
+    worker.held[0].set()
+    assert values(await waiting)["gateway_messages_in_total"] == 2
+    await worker.end.close()
+    assert values(await hub.page())["gateway_messages_in_total"] == 2  # retired now: once, not twice
+    assert values(await hub.page())["gateway_messages_in_total"] == 2
+    await other.link.close()
