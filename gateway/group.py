@@ -11,8 +11,8 @@ delegations that reach every worker.
   (Done) once they have, so an admin's PUT or DELETE returns when every running worker applies it (a worker
   being started answers once it has loaded every grant and applied this one; APPLY_TIMEOUT bounds the wait).
 
-What the supervisor keeps between scrapes: the counters and histograms each worker reported last. A worker that
-does not answer in time counts with them; a worker that died counts with them for good (its retired figures), so
+What the supervisor keeps between scrapes: the counters and histograms of each worker's newest figures. A worker
+that does not answer in time counts with them; a worker that died counts with them for good (its retired figures), so
 the group's counters never go down while the supervisor runs, as Prometheus expects of a counter (what a worker
 counted after the last scrape before it died is lost). A worker's gauges count only while it answers.
 """
@@ -30,7 +30,7 @@ from typing import TypeVar
 import msgspec
 from prometheus_client import CollectorRegistry
 
-from gateway.errors import Unavailable
+from gateway.errors import GatewayError, Unavailable
 from gateway.metrics import Family, Sample, cumulative, exposition, figures, merge
 from gateway.sharing import Sharing
 
@@ -94,7 +94,7 @@ _encode = msgspec.msgpack.Encoder().encode
 _decode = msgspec.msgpack.Decoder(Message).decode
 
 
-class GroupError(Exception):
+class GroupError(GatewayError):
     """The other end cannot answer: the channel is closed, the answer is late, or it failed there."""
 
 
