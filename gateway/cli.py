@@ -23,6 +23,9 @@ Several workers (decisions):
 - SIGTERM/SIGINT to the parent is forwarded (SIGTERM) to every worker, which shuts down gracefully (in-flight
   requests, then close 1001); the parent exits 0 once all have exited cleanly, 1 if one had to be killed.
   A worker whose parent vanishes (its control socket reaches end-of-file) shuts down the same way.
+- Each worker has a control channel to the parent (a socket pair, gateway.group): it says when it is ready, and
+  carries what makes the group look like one gateway: one /metrics page for all workers, whichever takes the
+  scrape, and delegations granted through one worker applied by all of them (kept in the shared database).
 """
 
 from __future__ import annotations
@@ -48,6 +51,8 @@ from pythonjsonlogger.json import JsonFormatter
 from gateway import native, preflight
 from gateway.config import ConfigError, Settings, load
 from gateway.errors import GatewayError, ListenError
+from gateway.group import Channel, GroupHub, WorkerLink
+from gateway.sharing import Sharing
 
 log = logging.getLogger(__name__)
 
@@ -144,13 +149,28 @@ class WorkerRole:
     """What the supervisor told a worker on its command line."""
 
     index: int  # 1-based, for logs
-    control_fd: int  # the worker's end of a socket pair: it writes "ready", and sees EOF if the parent dies
+    control_fd: int  # the worker's end of its control channel (gateway.group); EOF there: the parent died
 
 
 async def serve(settings: Settings, worker: WorkerRole | None = None) -> None:
     from gateway.app import Gateway
 
     gateway = Gateway(settings)
+    stop = asyncio.Event()
+    link: WorkerLink | None = None
+    if worker is not None:
+        # Wired before the gateway listens: its first /metrics and its first delegation already use the group.
+        sharing = gateway.role.delegations if isinstance(gateway.role.delegations, Sharing) else None
+        link = WorkerLink(gateway.metrics.registry, sharing)
+
+        def parent_gone() -> None:
+            log.warning("the supervisor is gone; shutting down")
+            stop.set()
+
+        await link.connect(socket.socket(fileno=worker.control_fd), parent_gone)
+        gateway.metrics.gather = link.page
+        if sharing is not None:
+            sharing.announce = link.announce
     try:
         with _quiet("aiormq", "aio_pika"):
             await gateway.start()
@@ -161,30 +181,18 @@ async def serve(settings: Settings, worker: WorkerRole | None = None) -> None:
         where = f" (worker {worker.index})" if worker else ""
         fatal(f"cannot start{where}: {exc}")
         raise SystemExit(1) from None
-    stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    if worker is None:
+    if link is None:
         print(start_up_line(settings, gateway.port), flush=True)
     else:
-        control = socket.socket(fileno=worker.control_fd)
-        control.setblocking(False)
-        control.sendall(f"ready {gateway.node_id}\n".encode())
-
-        def parent_gone() -> None:
-            # The parent never writes: readable means end-of-file, i.e. the supervisor is gone.
-            with contextlib.suppress(BlockingIOError):
-                if control.recv(64):
-                    return
-            loop.remove_reader(control.fileno())
-            log.warning("the supervisor is gone; shutting down")
-            stop.set()
-
-        loop.add_reader(control.fileno(), parent_gone)
+        link.ready(gateway.node_id)
     await stop.wait()
     log.info("shutting down")
     drained = await gateway.stop()
+    if link is not None:
+        await link.close()
     log.info("stopped: %d in-flight requests finished, %d cancelled; %d sockets closed", *drained,
              extra=drained._asdict())
 
@@ -207,23 +215,24 @@ def reserve_port(host: str, port: int) -> socket.socket:
 
 
 class _Worker:
-    __slots__ = ("control", "index", "proc", "ready_at")
+    __slots__ = ("index", "proc", "ready_at")
 
     def __init__(self, index: int) -> None:
         self.index = index
         self.proc: asyncio.subprocess.Process | None = None
-        self.control: socket.socket | None = None
         self.ready_at = 0.0
 
 
 class Supervisor:
-    """Starts GATEWAY_WORKERS workers on one port, restarts those that die, stops them all on a signal."""
+    """Starts GATEWAY_WORKERS workers on one port, restarts those that die, stops them all on a signal; between
+    them, the group's control channels (gateway.group: one /metrics, delegations on every worker)."""
 
     def __init__(self, settings: Settings, argv0: Sequence[str] = (sys.executable, "-m", "gateway")) -> None:
         self.settings = settings
         self._argv0 = list(argv0)
         self._ticket_secret = secrets.token_hex(32)
         self._workers = [_Worker(i + 1) for i in range(settings.workers)]
+        self._group = GroupHub(settings.workers)
         self._stopping = False
         self._stop = asyncio.Event()
         self._keepers: list[asyncio.Task[None]] = []
@@ -267,7 +276,10 @@ class Supervisor:
         if self._stopping:
             return None
         ours, theirs = socket.socketpair()
-        ours.setblocking(False)
+        channel = await Channel.open(ours, self._group.handler(worker.index))
+        # The worker's channel before its process: whatever the group tells it from now on waits in the socket
+        # until it reads it, so no delegation change falls between its loading the grants and its first read.
+        self._group.join(worker.index, channel)
         env = dict(os.environ, GATEWAY_PORT=str(self.port))
         # One ticket key for every worker: a ticket issued by one is redeemed by whichever takes the upgrade.
         env.setdefault("GATEWAY_TICKET_SECRET", self._ticket_secret)
@@ -279,26 +291,22 @@ class Supervisor:
                 pass_fds=(theirs.fileno(),), env=env)
         finally:
             theirs.close()
-        if worker.control is not None:
-            worker.control.close()
-        worker.control = ours
-        loop = asyncio.get_running_loop()
-        ready = asyncio.ensure_future(loop.sock_recv(ours, 256))
+        ready = channel.ready
+        gone = asyncio.ensure_future(channel.closed.wait())
         stop = asyncio.ensure_future(self._stop.wait())
         try:
-            await asyncio.wait({ready, stop}, return_when=asyncio.FIRST_COMPLETED)
+            waits: set[asyncio.Future[Any]] = {ready, gone, stop}
+            await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
         finally:
             stop.cancel()
-            if not ready.done():
-                ready.cancel()
-        if not ready.done() or ready.cancelled():
-            return None  # a stop was requested meanwhile; the shutdown takes care of the process
-        line = ready.result()
-        if line.startswith(b"ready"):
+            gone.cancel()
+        if ready.done():
             worker.ready_at = time.monotonic()
-            log.info("worker %d (pid %d) ready, bus node %s", worker.index, worker.proc.pid,
-                     line.split()[1].decode() if len(line.split()) > 1 else "?")
+            self._group.mark_ready(worker.index)
+            log.info("worker %d (pid %d) ready, bus node %s", worker.index, worker.proc.pid, ready.result())
             return None
+        if not channel.closed.is_set():
+            return None  # a stop was requested meanwhile; the shutdown takes care of the process
         # End of file before "ready": the worker exited (it printed why on stderr).
         status = await worker.proc.wait()
         return status if status > 0 else 1
@@ -312,6 +320,9 @@ class Supervisor:
             status = await proc.wait()
             if self._stopping:
                 return
+            channel = self._group.leave(worker.index)  # its counters stay counted
+            if channel is not None:
+                await channel.close()
             lived = time.monotonic() - worker.ready_at if worker.ready_at else 0.0
             failures = 0 if lived >= HEALTHY_AFTER else failures + 1
             delay = RESTART_DELAYS[min(failures, len(RESTART_DELAYS)) - 1] if failures else 0.0
@@ -319,6 +330,7 @@ class Supervisor:
             log.error("worker %d (pid %d) died unexpectedly (%s) after %.1fs; restarting it in %gs",
                       worker.index, proc.pid, how, lived, delay)
             worker.ready_at = 0.0
+            self._group.restarts += 1
             if delay:
                 await asyncio.sleep(delay)
             if self._stopping:
@@ -352,10 +364,9 @@ class Supervisor:
             # A worker signalled before it installed its handlers dies of the SIGTERM itself: still clean.
             if status not in (0, -signal.SIGTERM):
                 code = 1
-        for w in self._workers:
-            if w.control is not None:
-                w.control.close()
-                w.control = None
+        # Open until every worker has ended: a draining worker may still take a scrape or a delegation.
+        for channel in self._group.channels():
+            await channel.close()
         return code
 
 

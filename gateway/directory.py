@@ -50,13 +50,13 @@ DelegationListener = Callable[[str, str, bool], None]
 
 
 class Delegations(Protocol):
-    """`/admin/delegations`: who may share whose account (RFC 9670). The embedded role's Directory keeps them;
-    in front mode sharing is the upstream's and both calls refuse (409)."""
+    """`/admin/delegations`: who may share whose account (RFC 9670). The embedded role keeps them in the Directory
+    and its database (gateway.sharing); in front mode sharing is the upstream's and both calls refuse (409)."""
 
-    def grant(self, owner: str, delegate: str) -> bool:
+    async def grant(self, owner: str, delegate: str) -> bool:
         """Let `delegate` use `owner`'s account; False when it already could."""
 
-    def revoke(self, owner: str, delegate: str) -> bool:
+    async def revoke(self, owner: str, delegate: str) -> bool:
         """Take it back; False when there was nothing to take back."""
 
 

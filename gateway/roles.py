@@ -13,6 +13,7 @@ from gateway.bus.base import Bus
 from gateway.config import Settings
 from gateway.directory import Delegations, Directory
 from gateway.errors import HTTPProblem
+from gateway.sharing import GrantStore, Sharing
 from gateway.transport.ws import WebSocketService
 from gateway.upstream.base import RequestPath
 
@@ -29,11 +30,12 @@ class Role:
 
 def all_in_one(settings: Settings, bus: Bus, directory: Directory, request_path: RequestPath | None = None) -> Role:
     """The embedded backend answers (or `request_path`, e.g. CoreOnly) and publishes its changes on `bus`; users,
-    passwords and delegations are the directory's."""
+    passwords and delegations are the directory's, the delegations kept in the backend's database."""
+    store: GrantStore | None = None
     if request_path is None:
         from gateway.backend.service import EmbeddedBackend  # the mail store is loaded only in this role
 
-        request_path = EmbeddedBackend(settings, directory, bus.publish)
+        request_path = store = EmbeddedBackend(settings, directory, bus.publish)
     check = DirectoryCheck(directory, JwtVerifier(settings))
     auth = Authenticator(check, SignedTickets(settings.ticket_secret, settings.ticket_ttl, directory.principal))
 
@@ -41,17 +43,17 @@ def all_in_one(settings: Settings, bus: Bus, directory: Directory, request_path:
         # A grant or revocation takes effect on the delegate's open sockets at once.
         directory.add_listener(lambda _owner, delegate, _granted: sockets.refresh_user(delegate, directory.principal))
 
-    return Role("all-in-one", request_path, auth, directory, directory, attach)
+    return Role("all-in-one", request_path, auth, Sharing(directory, store), directory, attach)
 
 
 class UpstreamSharing:
     """Delegations in front mode: the upstream's business."""
 
-    def grant(self, owner: str, delegate: str) -> bool:
+    async def grant(self, owner: str, delegate: str) -> bool:
         raise HTTPProblem(409, "In front mode accounts and their sharing are the upstream server's.")
 
-    def revoke(self, owner: str, delegate: str) -> bool:
-        return self.grant(owner, delegate)
+    async def revoke(self, owner: str, delegate: str) -> bool:
+        return await self.grant(owner, delegate)
 
 
 def front(settings: Settings) -> Role:

@@ -1,5 +1,6 @@
 """`EmbeddedBackend`: the embedded mail store as a request path (gateway.upstream.base.RequestPath), a
-delivery entry point (SMTP, tools) and a source of StateChangeEvents.
+delivery entry point (SMTP, tools), a source of StateChangeEvents, and the store of the directory's delegations
+(loaded into the directory at start).
 
 Threading: all database work, MIME parsing included, runs on one dedicated worker thread that owns the SQLite
 connection; each JMAP request and each batch of deliveries is one job on it, so the event loop only waits on
@@ -32,7 +33,7 @@ from gateway.backend.store import TYPES, Store
 from gateway.bus.events import StateChangeEvent, new_event
 from gateway.config import Settings
 from gateway.directory import Account, Directory, Principal, account_id_for
-from gateway.errors import HTTPProblem, ListenError, MethodError
+from gateway.errors import GatewayError, HTTPProblem, ListenError, MethodError
 from gateway.jmap.types import CORE, MAIL, SUBMISSION, VACATION, WEBSOCKET, ApiRequest, ApiResponse, Invocation
 from gateway.upstream.base import Blob, Counters, SessionContext, local_session
 
@@ -129,6 +130,13 @@ class EmbeddedBackend:
         if self._executor is None:
             self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="jmap-store")
             await self._run(self._store.open)
+            # The delegations granted so far (by this process or any worker sharing the database) before the
+            # first client: a restarted worker knows every grant (gateway.sharing keeps them current after).
+            for owner, delegate in await self._run(self._store.grants):
+                try:
+                    self._directory.grant(owner, delegate)
+                except GatewayError as exc:  # e.g. a user no longer in GATEWAY_USERS: the grant waits, unused
+                    log.warning("the stored delegation %s -> %s is not applied: %s", owner, delegate, exc)
         s = self._settings
         if s.smtp_port and self._smtp is None:
             # Mail arrives here (RFC 5321 final delivery) only in this role: the SMTP door is the backend's.
@@ -204,6 +212,14 @@ class EmbeddedBackend:
         if self._flusher is None:
             self._flusher = asyncio.create_task(self._flush_deliveries())
         return await future
+
+    # --- the delegations' store (gateway.sharing.GrantStore) ---
+
+    async def set_grant(self, owner: str, delegate: str, granted: bool) -> bool:
+        return await self._run(self._store.set_grant, owner, delegate, granted)
+
+    async def has_grant(self, owner: str, delegate: str) -> bool:
+        return await self._run(self._store.has_grant, owner, delegate)
 
     # --- internals ---
 

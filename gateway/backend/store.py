@@ -75,6 +75,9 @@ CREATE TABLE IF NOT EXISTS thread_refs(
     PRIMARY KEY(account_id, message_id)) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS thread_refs_by_thread ON thread_refs(account_id, thread_id);
 CREATE TABLE IF NOT EXISTS vacation(account_id TEXT PRIMARY KEY, data BLOB NOT NULL);
+-- /admin/delegations (RFC 9670 sharing): owner lets delegate use their account; shared by a group's workers.
+CREATE TABLE IF NOT EXISTS delegations(
+    owner TEXT NOT NULL, delegate TEXT NOT NULL, PRIMARY KEY(owner, delegate)) WITHOUT ROWID;
 """
 
 _json = msgspec.json.Encoder()
@@ -175,6 +178,25 @@ class Store:
         if self._db is not None:
             self._db.close()
             self._db = None
+
+    # --- delegations ------------------------------------------------------------------------------------
+    # Each write is one statement in autocommit mode: its own transaction, on disk when it returns.
+
+    def grants(self) -> list[tuple[str, str]]:
+        """Every (owner, delegate) grant."""
+        return [(o, d) for o, d in self.db.execute("SELECT owner, delegate FROM delegations ORDER BY owner, delegate")]
+
+    def set_grant(self, owner: str, delegate: str, granted: bool) -> bool:
+        """Record or remove one grant; True when the database changed."""
+        if granted:
+            cur = self.db.execute("INSERT OR IGNORE INTO delegations(owner, delegate) VALUES(?, ?)", (owner, delegate))
+        else:
+            cur = self.db.execute("DELETE FROM delegations WHERE owner=? AND delegate=?", (owner, delegate))
+        return cur.rowcount > 0
+
+    def has_grant(self, owner: str, delegate: str) -> bool:
+        return self.db.execute("SELECT 1 FROM delegations WHERE owner=? AND delegate=?",
+                               (owner, delegate)).fetchone() is not None
 
     # --- accounts and states ------------------------------------------------------------------------------
 

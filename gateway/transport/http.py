@@ -156,7 +156,9 @@ async def readyz(request: web.Request) -> web.Response:
 
 
 async def metrics(request: web.Request) -> web.Response:
-    return web.Response(body=request.app[SERVICES].metrics.render(), headers={"Content-Type": METRICS_CONTENT_TYPE})
+    # With GATEWAY_WORKERS > 1 the page of the whole process group (gateway.group), whichever worker took it.
+    body = await request.app[SERVICES].metrics.exposition()
+    return web.Response(body=body, headers={"Content-Type": METRICS_CONTENT_TYPE})
 
 
 NDJSON = "application/x-ndjson"
@@ -231,9 +233,9 @@ async def admin_delegation(request: web.Request) -> web.Response:
     if owner == delegate:
         raise HTTPProblem(400, "An account cannot be delegated to its owner.")
     if request.method == "PUT":
-        changed = services.delegations.grant(owner, delegate)
+        changed = await services.delegations.grant(owner, delegate)
         return web.Response(status=201 if changed else 204)
-    if not services.delegations.revoke(owner, delegate):
+    if not await services.delegations.revoke(owner, delegate):
         raise HTTPProblem(404, f"{delegate} has no delegation from {owner}.")
     return web.Response(status=204)
 

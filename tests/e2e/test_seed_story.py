@@ -7,13 +7,15 @@ import json
 import smtplib
 import socket
 from email.message import EmailMessage
+from pathlib import Path
 from typing import Any
 
 import aiohttp
 import websockets
 
+from gateway.app import Gateway
 from gateway.directory import account_id_for
-from tests.conftest import ADMIN, ALICE, BOB, GatewayFactory, basic, connect, http_url
+from tests.conftest import ADMIN, ALICE, BOB, CAROL, GatewayFactory, basic, connect, http_url
 from tests.e2e.test_ws_protocol import recv_json
 
 CORE, MAIL = "urn:ietf:params:jmap:core", "urn:ietf:params:jmap:mail"
@@ -100,6 +102,32 @@ async def test_delegate_receives_the_owners_changes(make_gateway: GatewayFactory
     push = await recv_json(alice)
     assert push["@type"] == "StateChange" and list(push["changed"]) == [bob_acc]
     await alice.close()
+
+
+async def test_delegations_survive_a_restart(make_gateway: GatewayFactory, tmp_path: Path) -> None:
+    db = str(tmp_path / "mail.sqlite3")
+    admin = {"Authorization": f"Bearer {ADMIN}"}
+    bob_acc = account_id_for(BOB[0])
+
+    async def alice_accounts(gw: Gateway) -> set[str]:
+        async with aiohttp.ClientSession() as http, http.get(
+                http_url(gw, "/jmap/session"), headers={"Authorization": basic(ALICE)}) as r:
+            return set((await r.json())["accounts"])
+
+    first = await make_gateway(backend=True, DB=db)
+    async with aiohttp.ClientSession() as http:
+        for owner in (BOB[0], CAROL[0]):
+            async with http.put(http_url(first, f"/admin/delegations/{owner}/{ALICE[0]}"), headers=admin) as r:
+                assert r.status == 201
+        async with http.delete(http_url(first, f"/admin/delegations/{CAROL[0]}/{ALICE[0]}"), headers=admin) as r:
+            assert r.status == 204
+    await first.stop(grace=0)
+    again = await make_gateway(backend=True, DB=db)  # a new process on the same database
+    assert await alice_accounts(again) == {account_id_for(ALICE[0]), bob_acc}  # Carol's was revoked
+    # Stored as it was: granting again changes nothing.
+    async with aiohttp.ClientSession() as http, http.put(
+            http_url(again, f"/admin/delegations/{BOB[0]}/{ALICE[0]}"), headers=admin) as r:
+        assert r.status == 204
 
 
 async def test_backend_over_http_api_and_download(make_gateway: GatewayFactory) -> None:

@@ -690,3 +690,108 @@ def _alive(pid: int) -> bool:
             return fh.read().rsplit(")", 1)[1].split()[0] != "Z"
     except OSError:
         return False
+
+
+# --- GATEWAY_WORKERS: one gateway to the outside (metrics, delegations) ---------------------------------
+
+async def admin_delegation(method: str, port: int, owner: str, delegate: str) -> int:
+    async with aiohttp.ClientSession() as http, http.request(
+            method, f"http://127.0.0.1:{port}/admin/delegations/{owner}/{delegate}",
+            headers={"Authorization": f"Bearer {ADMIN}"}) as r:
+        return r.status
+
+
+async def session_accounts(port: int, user: tuple[str, str]) -> set[str]:
+    async with aiohttp.ClientSession() as http, http.get(
+            f"http://127.0.0.1:{port}/jmap/session", headers={"Authorization": basic(user)}) as r:
+        assert r.status == 200, await r.text()
+        return set((await r.json())["accounts"])
+
+
+async def may_use(client: Client, account: str) -> bool:
+    """Whether the socket's principal holds `account` (the backend answers accountNotFound otherwise)."""
+    reply = await client.request([["Mailbox/get", {"accountId": account, "ids": []}, "m"]])
+    name, args, _ = reply["methodResponses"][0]
+    assert name == "Mailbox/get" or args["type"] == "accountNotFound", reply
+    return bool(name == "Mailbox/get")
+
+
+async def scrape(port: int) -> str:
+    """One /metrics page; every call is a new connection, so any worker may take it."""
+    status, text = await http_get(port, "/metrics")
+    assert status == 200, text
+    return text
+
+
+SCRAPES = 8  # new connections per check: all of them on one worker has a chance of 1 in 128
+
+
+async def test_workers_answer_one_metrics_page_and_apply_delegations_everywhere(
+        spawn: Spawn, tmp_path: Path, exchange_name: str) -> None:
+    require_rabbitmqctl()
+    smtp_port = free_port()
+    gp = await spawn(WORKERS="2", DB=str(tmp_path / "mail.sqlite3"), SMTP_PORT=str(smtp_port),
+                     AMQP_UNBIND_DELAY="0")
+    clients = await open_spread(gp, exchange_name)  # Bob's push sessions, on both workers
+
+    # Whichever worker takes the scrape, the page counts the sockets and subscriptions of both.
+    for _ in range(SCRAPES):
+        page = await scrape(gp.port)
+        assert metric(page, "gateway_connections_open") == len(clients)
+        assert metric(page, "gateway_push_subscriptions") == len(clients)
+        assert metric(page, "gateway_workers") == 2 and metric(page, "gateway_workers_answered") == 2
+        assert 'gateway_native_module{module="broadcast",worker="2"}' in page  # per worker, not summed
+    await admin_publish(gp.port, BOB[0], Email="e1")
+    for c in clients:
+        assert await c.next_changed() == {BOB_ACC: {"Email": "e1"}}
+    for _ in range(SCRAPES):
+        page = await scrape(gp.port)
+        assert metric(page, "gateway_events_received_total") == 2  # once per worker: each is its own bus node
+        assert metric(page, "gateway_pushes_delivered_total") == len(clients)
+        assert metric(page, "gateway_fanout_seconds_count") == 2  # histograms merge bucket by bucket
+
+    # Alice shares her account with Bob through one worker; the call returns once every worker applied it, so
+    # each of Bob's sockets, on either worker, may use it at once, and any worker's session resource lists it.
+    assert await admin_delegation("PUT", gp.port, ALICE[0], BOB[0]) == 201
+    for c in clients:
+        assert await may_use(c, ALICE_ACC)
+    for _ in range(SCRAPES):
+        assert await session_accounts(gp.port, BOB) == {BOB_ACC, ALICE_ACC}
+    # Pushes of Alice's account reach Bob's sockets on both workers: both nodes bind her routing key for him.
+    await eventually_async(lambda: _bound_queues(exchange_name, ALICE[0], 2), what="both workers bound to Alice")
+    await asyncio.to_thread(send_mail, smtp_port, ALICE[0], "for Alice, read by Bob")
+    for c in clients:
+        changed = await c.next_changed()
+        assert list(changed) == [ALICE_ACC] and "EmailDelivery" in changed[ALICE_ACC]
+    counted = await scrape(gp.port)
+    assert metric(counted, "gateway_pushes_delivered_total") == 2 * len(clients)
+    for c in clients:
+        await c.close()
+    await eventually_async(lambda: _bound_queues(exchange_name, BOB[0], 0), what="Bob's bindings gone")
+
+    # A worker dies; a grant made meanwhile (while it is down or being restarted) is known to its successor.
+    victim = min(gp.children())
+    os.kill(victim, signal.SIGKILL)
+    assert await admin_delegation("PUT", gp.port, CAROL[0], BOB[0]) == 201
+    await eventually(lambda: len(gp.children()) == 2 and victim not in gp.children(), timeout=30,
+                     what="a new worker in place of the killed one")
+    await eventually_async(lambda: _status_is(gp.port, "/readyz", 200), timeout=30, what="ready")
+    page = await scrape(gp.port)
+    assert metric(page, "gateway_worker_restarts_total") == 1
+    # The dead worker's counts stay counted: the group's counters do not go down.
+    for name in ("gateway_pushes_delivered_total", "gateway_events_received_total"):
+        assert metric(page, name) >= metric(counted, name), name
+    fresh = await open_spread(gp, exchange_name, want=4)  # on both workers, the new one included
+    for c in fresh:
+        assert await may_use(c, ALICE_ACC) and await may_use(c, CAROL_ACC)
+
+    # Revoked through one worker: gone from every socket and every worker's session resource.
+    assert await admin_delegation("DELETE", gp.port, ALICE[0], BOB[0]) == 204
+    for c in fresh:
+        assert not await may_use(c, ALICE_ACC) and await may_use(c, CAROL_ACC)
+    for _ in range(SCRAPES):
+        assert await session_accounts(gp.port, BOB) == {BOB_ACC, CAROL_ACC}
+    assert await admin_delegation("DELETE", gp.port, ALICE[0], BOB[0]) == 404
+    for c in fresh:
+        await c.close()
+    assert await gp.stop() == 0

@@ -457,8 +457,7 @@ class ResumeModel(RuleBasedStateMachine):
         if how == "term":
             assert status == 0, f"SIGTERM exit status {status}\n{self.gw.log_tail()}"
         self.gw.start()
-        # The node starts knowing nothing of custom types, and delegations are held per process (README).
-        self.delegated = False
+        # The node starts knowing nothing of custom types; delegations are kept in the database (they survive).
         self.last_publish_seen = {acc: False for acc in self.last_publish_seen}
         if reconnect:
             for d, types in resuming:
