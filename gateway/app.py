@@ -45,6 +45,10 @@ class Drained(NamedTuple):
 
 
 def make_bus(settings: Settings, node_id: str) -> Bus:
+    if settings.upstream_url and settings.upstream_events == "eventsource":
+        from gateway.bus.eventsource import UpstreamEventStreams  # front mode: the upstream's own event streams
+
+        return UpstreamEventStreams(settings, roles.upstream_stream)
     if settings.bus == "amqp":
         from gateway.bus.amqp import AmqpBus  # imported only when used
 

@@ -59,8 +59,9 @@ STOP_MARGIN = 15.0
 
 
 # Libraries whose INFO lines are noise for an operator (aiosmtpd: 2-3 per SMTP connection; picows: every accepted
-# connection, at 100k connections; aio-pika/aiormq: connection chatter): shown from WARNING, or all with DEBUG.
-THIRD_PARTY_LOGGERS = ("mail", "picows", "aio_pika", "aiormq", "aiohttp")
+# connection, at 100k connections; aio-pika/aiormq: connection chatter; httpx: every upstream event stream opened):
+# shown from WARNING, or all with DEBUG.
+THIRD_PARTY_LOGGERS = ("mail", "picows", "aio_pika", "aiormq", "aiohttp", "httpx", "httpcore")
 _json_logging = False  # set by configure_logging: fatal() then writes its line as a JSON object too
 
 
@@ -128,7 +129,7 @@ def refusal(settings: Settings) -> str | None:
     n = settings.workers
     if n <= 1:
         return None
-    if settings.bus == "memory":
+    if settings.bus == "memory" and settings.upstream_events != "eventsource":  # (each worker reads its streams)
         return (f"GATEWAY_WORKERS={n} needs GATEWAY_BUS=amqp: with the in-process memory bus a change on one "
                 "worker would never reach the sessions held by the others")
     if not settings.upstream_url and settings.db_path == ":memory:":  # front mode has no embedded store
