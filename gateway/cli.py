@@ -13,8 +13,9 @@ Several workers (decisions):
   GATEWAY_PORT=0 work with several workers, reports a port in use once and early, and keeps the port reserved
   while a worker is being restarted. The start-up line is printed once, by the parent, when every worker listens.
 - GATEWAY_BUS=memory with several workers is refused (status 2): a change committed or injected on one worker
-  would never reach sessions held by another, a silent loss. So is the embedded backend on `:memory:`, which
-  would give every worker a store of its own.
+  would never reach sessions held by another, a silent loss (except in front mode with
+  GATEWAY_UPSTREAM_EVENTS=eventsource: each worker reads the upstream's streams for its own sessions). So is the
+  embedded backend on `:memory:`, which would give every worker a store of its own.
 - The embedded backend's SMTP listener runs in worker 1 only (one port, one process); the SQLite file is shared
   (WAL, one writer at a time). Worker 1 starts alone first, so it also creates a new database without racing.
 - A worker that dies unexpectedly is logged and restarted (exponential back-off while it keeps dying young);

@@ -494,7 +494,7 @@ class UpstreamEventStreams:
                     log.warning("the upstream answers its eventSourceUrl with 204 No Content: it serves no event "
                                 "stream (e.g. a Cyrus built without wslay), so no pushes come from it; trying again "
                                 "every %gs", NO_STREAM_RETRY)
-                self._set_down(stream.owner, True, failure.why)
+                self._set_down(stream.owner, True)  # (said above, once)
                 return NO_STREAM_RETRY * random.uniform(0.9, 1.0)
             if failure.kind == "unavailable":
                 self._set_down(stream.owner, True, failure.why)
@@ -504,7 +504,7 @@ class UpstreamEventStreams:
 
     def _set_down(self, owner: str, down: bool, why: str = "") -> None:
         if down:
-            if not self._down:
+            if not self._down and why:
                 log.warning("upstream event streams cannot be opened (%s); pushes resume once they are back", why)
             self._down.add(owner)
         elif owner in self._down:
