@@ -92,7 +92,8 @@ class Gateway:
                                               lambda: self.websockets.wheel)
         role.attach(self.websockets)
         self.http = HttpServices(settings, self.auth, self.request_path, UserLimiter(settings.max_concurrent_requests),
-                                 self.bus, role.delegations, self.metrics, self.readiness, self.context)
+                                 self.bus, role.delegations, self.metrics, self.readiness, self.context,
+                                 event_source=self.eventsource.accept)
         self.metrics.add_callback(self._collect)
         self._server: asyncio.Server | None = None
         self._runner: web.AppRunner | None = None
