@@ -115,8 +115,8 @@ class _Cover:
 class _Stream:
     """One owner's stream: who it reads as, where it stands, and the task that runs it."""
 
-    __slots__ = ("account_id", "attempts", "gap", "last_id", "opened_at", "owner", "principal", "rejected", "settled",
-                 "task")
+    __slots__ = ("account_id", "attempts", "gap", "last_id", "needs_credentials", "opened_at", "owner", "principal",
+                 "rejected", "settled", "task")
 
     def __init__(self, owner: str, gap: bool) -> None:
         self.owner = owner
@@ -127,6 +127,7 @@ class _Stream:
         self.gap = gap  # events may have been missed: re-read the owner's accounts once open
         self.opened_at = 0.0  # loop time the current connection opened, 0 while it is not open
         self.attempts = 0  # failures since the stream was last stable
+        self.needs_credentials = False  # the last attempt had no principal whose credentials would do
         self.settled = asyncio.Event()  # the latest attempt has an outcome (open, or failed)
         self.task: asyncio.Task[None] | None = None
 
@@ -277,6 +278,11 @@ class UpstreamEventStreams:
         entry = entries.get(id(principal))
         if entry is None:
             entry = entries[id(principal)] = _Cover(principal)
+            stream = self._streams.get(username)
+            if stream is not None and stream.needs_credentials and username not in self._switches:
+                # A stream waiting for usable credentials tries the newcomer's now, not after its back-off.
+                self._switches.add(username)
+                asyncio.get_running_loop().call_soon(self._switch, username)
         entry.count += 1
 
     def principal_left(self, username: str, principal: Principal) -> None:
@@ -326,11 +332,17 @@ class UpstreamEventStreams:
             self._open(promoted, gap=True)
 
     def _switch(self, owner: str) -> None:
+        """Reopen the stream at once with another principal: its own left, or it had none that would do."""
         self._switches.discard(owner)
         stream = self._streams.get(owner)
-        if stream is None or stream.principal is not None or owner not in self._covering:
+        if stream is None or owner not in self._covering:
             return
-        self.switches += 1
+        if stream.needs_credentials:
+            stream.needs_credentials = False
+        elif stream.principal is None:
+            self.switches += 1
+        else:
+            return
         if stream.task is not None:
             stream.task.cancel()
         stream.opened_at = 0.0
@@ -425,6 +437,7 @@ class UpstreamEventStreams:
         loop = asyncio.get_running_loop()
         stream.account_id = account_id
         stream.opened_at = loop.time()
+        stream.needs_credentials = False
         self.streams_open += 1
         self._set_down(stream.owner, False)
         stream.settled.set()
@@ -498,6 +511,8 @@ class UpstreamEventStreams:
                 return NO_STREAM_RETRY * random.uniform(0.9, 1.0)
             if failure.kind == "unavailable":
                 self._set_down(stream.owner, True, failure.why)
+            elif failure.kind == "credentials":
+                stream.needs_credentials = True
         delay = min(self._backoff_max, self._backoff_min * 2.0 ** stream.attempts)
         stream.attempts += 1
         return random.uniform(delay / 2, delay)

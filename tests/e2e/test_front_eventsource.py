@@ -16,11 +16,13 @@ import os
 import re
 import signal
 import sys
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
 import aiohttp
+import jwt
 import pytest
 import websockets
 
@@ -33,6 +35,7 @@ from tests.e2e.test_seed_story import free_port, send_mail
 ROOT = Path(__file__).resolve().parents[2]
 BOB_ACC, ALICE_ACC = account_id_for(BOB[0]), account_id_for(ALICE[0])
 WAIT = 30.0  # seconds a condition may take before the test fails (not a timing assertion)
+JWT_SECRET = "front-eventsource-test-secret-32-bytes!"
 
 
 class UpstreamProcess:
@@ -289,6 +292,26 @@ async def test_the_cap_refuses_streams_and_promotes_a_waiting_account(
     assert seen["Email"] == newest["Email"]
     await alice.close()
     await second_alice.close()
+
+
+async def test_a_session_without_upstream_credentials_waits_for_one_that_has_them(
+        upstreams: UpstreamFactory, make_gateway: GatewayFactory) -> None:
+    # A Bearer JWT the front verifies itself but the upstream does not take: its session has Bob's account, but no
+    # upstream session (no eventSourceUrl, credentials the upstream refuses). Its stream waits, the node stays ready.
+    front = await make_front(make_gateway, await upstreams(), JWT_SECRET=JWT_SECRET)
+    bus = streams(front)
+    token = jwt.encode({"sub": BOB[0], "exp": int(time.time()) + 600}, JWT_SECRET, algorithm="HS256")
+    local = await connect(front, additional_headers={"Authorization": f"Bearer {token}"})
+    await enable(local)
+    await until(lambda: _true(bus.failures >= 1), "the stream to find no usable credentials")
+    assert bus.streams_open == 0 and bus.attempts == 0 and bus.ready
+    # A session with credentials the upstream takes: the waiting stream opens with them at once.
+    basic_session = await connect(front)
+    await enable(basic_session)
+    await until(lambda: _true(bus.streams_open == 1), "the stream to open with the Basic session's credentials")
+    assert bus.attempts == 1
+    await local.close()
+    await basic_session.close()
 
 
 async def _true(value: bool) -> bool:
