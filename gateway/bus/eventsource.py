@@ -14,7 +14,8 @@ How it keeps the contract of gateway.bus.base:
 - Credentials: a stream holds a principal, never the credentials beyond the one request that opens it. It uses the
   principal that has covered the owner longest (sessions that lived long tend to stay); when that one leaves while
   others stay, the stream reconnects with another's. One the upstream rejects (401, 403) is passed over until it
-  leaves (or every other one was rejected too).
+  leaves (or every other one was rejected too); one without upstream credentials (a Bearer JWT only this gateway
+  verifies) cannot open a stream, which then waits for a session that can and opens as soon as one joins.
 - Reconnection: with `Last-Event-ID` (the id of the last event read; a jmap-push-gateway upstream resumes from it
   as from a pushState), after a back-off that doubles from BACKOFF_MIN to BACKOFF_MAX with jitter; a stream that
   stayed open STABLE seconds starts again from BACKOFF_MIN. A stream that was lost or could not be opened is a gap:
