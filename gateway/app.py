@@ -45,6 +45,10 @@ class Drained(NamedTuple):
 
 
 def make_bus(settings: Settings, node_id: str) -> Bus:
+    if settings.upstream_url and settings.upstream_events == "eventsource":
+        from gateway.bus.eventsource import UpstreamEventStreams  # front mode: the upstream's own event streams
+
+        return UpstreamEventStreams(settings, roles.upstream_stream)
     if settings.bus == "amqp":
         from gateway.bus.amqp import AmqpBus  # imported only when used
 
@@ -87,7 +91,8 @@ class Gateway:
                                               lambda: self.websockets.wheel)
         role.attach(self.websockets)
         self.http = HttpServices(settings, self.auth, self.request_path, UserLimiter(settings.max_concurrent_requests),
-                                 self.bus, role.delegations, self.metrics, self.readiness, self.context)
+                                 self.bus, role.delegations, self.metrics, self.readiness, self.context,
+                                 event_source=self.eventsource.accept)
         self.metrics.add_callback(self._collect)
         self._server: asyncio.Server | None = None
         self._runner: web.AppRunner | None = None

@@ -13,8 +13,9 @@ Several workers (decisions):
   GATEWAY_PORT=0 work with several workers, reports a port in use once and early, and keeps the port reserved
   while a worker is being restarted. The start-up line is printed once, by the parent, when every worker listens.
 - GATEWAY_BUS=memory with several workers is refused (status 2): a change committed or injected on one worker
-  would never reach sessions held by another, a silent loss. So is the embedded backend on `:memory:`, which
-  would give every worker a store of its own.
+  would never reach sessions held by another, a silent loss (except in front mode with
+  GATEWAY_UPSTREAM_EVENTS=eventsource: each worker reads the upstream's streams for its own sessions). So is the
+  embedded backend on `:memory:`, which would give every worker a store of its own.
 - The embedded backend's SMTP listener runs in worker 1 only (one port, one process); the SQLite file is shared
   (WAL, one writer at a time). Worker 1 starts alone first, so it also creates a new database without racing.
 - A worker that dies unexpectedly is logged and restarted (exponential back-off while it keeps dying young);
@@ -64,8 +65,9 @@ STOP_MARGIN = 15.0
 
 
 # Libraries whose INFO lines are noise for an operator (aiosmtpd: 2-3 per SMTP connection; picows: every accepted
-# connection, at 100k connections; aio-pika/aiormq: connection chatter): shown from WARNING, or all with DEBUG.
-THIRD_PARTY_LOGGERS = ("mail", "picows", "aio_pika", "aiormq", "aiohttp")
+# connection, at 100k connections; aio-pika/aiormq: connection chatter; httpx: every upstream event stream opened):
+# shown from WARNING, or all with DEBUG.
+THIRD_PARTY_LOGGERS = ("mail", "picows", "aio_pika", "aiormq", "aiohttp", "httpx", "httpcore")
 _json_logging = False  # set by configure_logging: fatal() then writes its line as a JSON object too
 
 
@@ -133,7 +135,7 @@ def refusal(settings: Settings) -> str | None:
     n = settings.workers
     if n <= 1:
         return None
-    if settings.bus == "memory":
+    if settings.bus == "memory" and settings.upstream_events != "eventsource":  # (each worker reads its streams)
         return (f"GATEWAY_WORKERS={n} needs GATEWAY_BUS=amqp: with the in-process memory bus a change on one "
                 "worker would never reach the sessions held by the others")
     if not settings.upstream_url and settings.db_path == ":memory:":  # front mode has no embedded store

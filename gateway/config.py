@@ -237,6 +237,14 @@ SPECS: tuple[Spec, ...] = (
          "Front mode: seconds one upstream HTTP call may take before it counts as unavailable (503)."),
     Spec("GATEWAY_UPSTREAM_MAX_CONNECTIONS", "upstream_max_connections", _int(1, 100_000), "256",
          "Front mode: keep-alive HTTP connections to the upstream this process may open (the pool's size)."),
+    Spec("GATEWAY_UPSTREAM_EVENTS", "upstream_events", _choice("bus", "eventsource"), "bus",
+         "Front mode: where state changes come from. `bus` = GATEWAY_BUS (`amqp`: the upstream's RabbitMQ, Apache "
+         "James's events); `eventsource` = the upstream's own RFC 8620 §7.3 `eventSourceUrl`, one stream per "
+         "account with local sessions, read with one of its sessions' credentials (needs GATEWAY_BUS=memory)."),
+    Spec("GATEWAY_UPSTREAM_EVENT_STREAMS", "upstream_event_streams", _int(1, 1_000_000), "10000",
+         "Front mode with GATEWAY_UPSTREAM_EVENTS=eventsource: upstream event streams this process may hold (one "
+         "per account with local sessions); accounts beyond it are refused a stream (logged once, counted) and "
+         "their states are re-read once a minute instead."),
 )
 
 
@@ -297,6 +305,8 @@ class Settings:
     proxy_http: bool
     upstream_timeout: float
     upstream_max_connections: int
+    upstream_events: str
+    upstream_event_streams: int
 
     @property
     def message_limit(self) -> int:
@@ -335,6 +345,15 @@ def load(env: Mapping[str, str]) -> Settings:
         except ValueError as exc:
             raise ConfigError(spec.name, raw, str(exc)) from None
     settings = Settings(**values)
+    if settings.upstream_events == "eventsource":
+        # One source of events per process: the upstream's streams replace the bus (DESIGN.md §1).
+        if settings.upstream_url is None:
+            raise ConfigError("GATEWAY_UPSTREAM_EVENTS", "eventsource",
+                              "`bus` without GATEWAY_UPSTREAM_URL (the all-in-one role's events are its own)")
+        if settings.bus != "memory":
+            raise ConfigError("GATEWAY_UPSTREAM_EVENTS", "eventsource",
+                              f"`bus` with GATEWAY_BUS={settings.bus} (events come from one source: the bus, or "
+                              "the upstream's event streams with GATEWAY_BUS=memory)")
     if settings.jwt_public_key is not None:
         try:
             with open(settings.jwt_public_key, "rb") as fh:

@@ -7,7 +7,9 @@ fan-out index as WebSocket pushes, from the same encoded StateChange.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping, Sequence
+from urllib.parse import quote
 
 import msgspec
 
@@ -53,6 +55,18 @@ def parse_request(query: Mapping[str, Sequence[str]]) -> StreamRequest:
     if ping:
         ping = min(max(ping, MIN_PING), MAX_PING)
     return StreamRequest(types, close_after == "state", ping)
+
+
+_TEMPLATE_VAR = re.compile(r"\{([A-Za-z0-9_]+)\}")
+
+
+def stream_url(template: str, types: str = "*", close_after: str = "no", ping: int = 0) -> str:
+    """A client's request URL from an `eventSourceUrl` (RFC 8620 §7.3): a level-1 URI template (RFC 6570) with the
+    variables types, closeafter and ping; unknown ones expand empty. Values are percent-encoded except `*` and `,`,
+    which a query may hold as they are (RFC 3986 §3.4): a server that does not decode its query still reads
+    `types=*`, one that does reads the same."""
+    values = {"types": types, "closeafter": close_after, "ping": str(ping)}
+    return _TEMPLATE_VAR.sub(lambda m: quote(values.get(m.group(1), ""), safe="*,"), template)
 
 
 def state_event(state_change_json: bytes | memoryview, push_state: str) -> bytes:

@@ -7,15 +7,19 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from gateway.auth import Authenticator, DirectoryCheck, JwtVerifier, SignedTickets
 from gateway.bus.base import Bus
 from gateway.config import Settings
-from gateway.directory import Delegations, Directory
+from gateway.directory import Delegations, Directory, Principal
 from gateway.errors import HTTPProblem
 from gateway.sharing import GrantStore, Sharing
 from gateway.transport.ws import WebSocketService
 from gateway.upstream.base import RequestPath
+
+if TYPE_CHECKING:
+    from gateway.bus.eventsource import StreamSource  # (httpx is imported only when the mode is on)
 
 
 @dataclass(frozen=True, slots=True)
@@ -73,3 +77,19 @@ def front(settings: Settings) -> Role:
             path.add_background(rechecker.run)
 
     return Role("front", path, auth, UpstreamSharing(), None, attach)
+
+
+def upstream_stream(principal: Principal, owner: str) -> StreamSource | None:
+    """Front mode with GATEWAY_UPSTREAM_EVENTS=eventsource: how `principal` opens the event stream of `owner`'s
+    account at the upstream (its session's eventSourceUrl, its credentials, the account's id in its session); None
+    when it cannot (a locally verified JWT without an upstream session, no eventSourceUrl, no such account)."""
+    from gateway.bus.eventsource import StreamSource
+    from gateway.upstream.session import FrontPrincipal
+
+    if not isinstance(principal, FrontPrincipal) or principal.credentials is None or principal.upstream is None:
+        return None
+    url = principal.upstream.raw.get("eventSourceUrl")
+    account = next((a.id for a in principal.accounts if a.owner == owner), None)
+    if not isinstance(url, str) or account is None:
+        return None
+    return StreamSource(url, principal.credentials.header, account)

@@ -321,6 +321,8 @@ class Bench:
             s: sysmod.System = sysmod.Gateway(bus="amqp", **kw)
         elif name == "gateway-post":
             s = sysmod.Gateway(publish="post", **kw)
+        elif name == "gateway-sse":
+            s = sysmod.Gateway(sse=True, **kw)
         else:
             s = sysmod.SYSTEMS[name](**kw)
         s.pad = self.pad

@@ -1,5 +1,6 @@
-"""The load generator: one worker process holding thousands of WebSocket clients (picows on uvloop), driven by
-the harness over a multiprocessing pipe.
+"""The load generator: one worker process holding thousands of WebSocket clients (picows on uvloop), or RFC 8620
+§7.3 event-stream clients (a plain asyncio protocol reading `event: state` lines), driven by the harness over a
+multiprocessing pipe.
 
 Each client records, for every pushed message, the receipt time minus the publish time carried in the state
 string (`t<monotonic ns>-<seq>`; CLOCK_MONOTONIC is one clock for every process on the machine). Samples go into
@@ -23,6 +24,7 @@ import traceback
 from collections.abc import Iterable
 from multiprocessing.connection import Connection
 from typing import Any
+from urllib.parse import urlsplit
 
 from picows import WSFrame, WSListener, WSMsgType, WSTransport, ws_connect
 
@@ -58,7 +60,7 @@ class Worker:
         self.pipe = pipe
         self.index = index
         self.source_ip = source_ip
-        self.clients: list[Client] = []
+        self.clients: list[Client | SseClient] = []
         self.tallies: dict[str, Tally] = {}
         self.group_size: dict[str, int] = {}  # group -> reading clients of this worker in it
         self.per_seq: dict[int, list[int]] = {}  # seq -> [count, last receipt ns]
@@ -146,7 +148,7 @@ class Worker:
                 "groups": dict(self.group_size)}
 
     async def open_client(self, url: str, headers: list[tuple[str, str]], tag: str, group: str,
-                          slow: bool, track: bool = True) -> Client:
+                          slow: bool, track: bool = True) -> Client | SseClient:
         source_ip = self.source_ip
 
         def make_socket(_parsed: object) -> socket.socket:
@@ -159,14 +161,32 @@ class Worker:
             s.setblocking(False)
             return s
 
-        _, client = await ws_connect(lambda: Client(self, tag, group, slow), url, extra_headers=headers,
-                                             socket_factory=make_socket, read_buffer_init_size=2048,
-                                             websocket_handshake_timeout=30, enable_auto_ping=False)
-        assert isinstance(client, Client)
+        client: Client | SseClient
+        if url.startswith("http://"):
+            client = await self.open_sse(url, headers, tag, group, slow, make_socket(None))
+        else:
+            _, client = await ws_connect(lambda: Client(self, tag, group, slow), url, extra_headers=headers,
+                                         socket_factory=make_socket, read_buffer_init_size=2048,
+                                         websocket_handshake_timeout=30, enable_auto_ping=False)
+            assert isinstance(client, Client)
         if track:
             self.clients.append(client)
             if not slow:
                 self.group_size[group] = self.group_size.get(group, 0) + 1
+        return client
+
+    async def open_sse(self, url: str, headers: list[tuple[str, str]], tag: str, group: str, slow: bool,
+                       sock: socket.socket) -> SseClient:
+        """An event stream: connect, send the GET; the client is subscribed once the answer's head arrived (the
+        gateway registers the stream before it writes the head)."""
+        assert self.loop is not None
+        parts = urlsplit(url)
+        await asyncio.wait_for(self.loop.sock_connect(sock, (parts.hostname, parts.port or 80)), 30)
+        target = parts.path + (f"?{parts.query}" if parts.query else "")
+        head = f"GET {target} HTTP/1.1\r\nHost: {parts.netloc}\r\nAccept: text/event-stream\r\n"
+        head += "".join(f"{k}: {v}\r\n" for k, v in headers) + "\r\n"
+        _, client = await self.loop.create_connection(lambda: SseClient(self, tag, group, slow, head.encode()),
+                                                      sock=sock)
         return client
 
     def reset(self, tags: Iterable[str] | None) -> None:
@@ -301,37 +321,133 @@ class Client(WSListener):  # type: ignore[misc]
         if frame.msg_type != WSMsgType.TEXT:
             return
         payload = frame.get_payload_as_bytes()
-        i = payload.find(_STAMP, payload.find(_CHANGED))
-        if i < 0:
+        if not record(self, payload, now):
             if self.sync is not None and SYNC_ID in payload and not self.sync.done():
                 self.sync.set_result(None)
             else:
                 self.tally.other += 1
-            return
-        # The state is "t<publish ns>-<seq>": account ids are hex and type names capitalised, so the first
-        # ':"t' after "changed" is a state.
-        j = payload.find(b"-", i)
-        k = payload.find(b'"', j)
-        sent = int(payload[i + 3:j])
-        t = self.tally
-        t.lat.append(now - sent)
-        t.count += 1
-        t.bytes += len(payload)
-        self.got += 1
-        w = self.worker
-        if w.notify:
-            seq = int(payload[j + 1:k])
-            entry = w.per_seq.get(seq)
-            if entry is None:
-                entry = w.per_seq[seq] = [0, 0]
-            entry[0] += 1
-            entry[1] = now
-            if entry[0] == w.group_size.get(self.group, 0):
-                w.send({"note": "done", "seq": seq, "last": now, "n": entry[0], "worker": w.index})
-                del w.per_seq[seq]
 
     def on_ws_disconnected(self, transport: WSTransport) -> None:
         pass
+
+
+def record(client: Client | SseClient, payload: bytes, now: int) -> bool:
+    """Account one pushed StateChange (its latency, and the group's completion of its seq); False when it carries
+    no stamp."""
+    i = payload.find(_STAMP, payload.find(_CHANGED))
+    if i < 0:
+        return False
+    # The state is "t<publish ns>-<seq>": account ids are hex and type names capitalised, so the first
+    # ':"t' after "changed" is a state.
+    j = payload.find(b"-", i)
+    k = payload.find(b'"', j)
+    sent = int(payload[i + 3:j])
+    t = client.tally
+    t.lat.append(now - sent)
+    t.count += 1
+    t.bytes += len(payload)
+    client.got += 1
+    w = client.worker
+    if w.notify:
+        seq = int(payload[j + 1:k])
+        entry = w.per_seq.get(seq)
+        if entry is None:
+            entry = w.per_seq[seq] = [0, 0]
+        entry[0] += 1
+        entry[1] = now
+        if entry[0] == w.group_size.get(client.group, 0):
+            w.send({"note": "done", "seq": seq, "last": now, "n": entry[0], "worker": w.index})
+            del w.per_seq[seq]
+    return True
+
+
+class _SseTransport:
+    """What the worker asks of a client's transport (as of picows' WSTransport), for an event stream."""
+
+    __slots__ = ("closed", "response", "underlying_transport")
+
+    def __init__(self, transport: asyncio.Transport) -> None:
+        self.underlying_transport = transport
+        self.response = _Response()
+        self.closed = asyncio.get_running_loop().create_future()
+
+    @property
+    def is_disconnected(self) -> bool:
+        return self.closed.done()
+
+    def disconnect(self, graceful: bool = True) -> None:
+        if graceful:
+            self.underlying_transport.close()
+        else:
+            self.underlying_transport.abort()
+
+    async def wait_disconnected(self) -> None:
+        await asyncio.shield(self.closed)
+
+
+class _Response:
+    headers: dict[str, str] = {}  # nothing negotiated on an event stream
+
+
+class SseClient(asyncio.Protocol):
+    """One RFC 8620 §7.3 event stream: `event: state` events whose `data:` line is the StateChange, accounted as the
+    WebSocket client accounts its frames (the same stamp in the state). No event-source library: a plain protocol
+    keeps the receive path as cheap as the WebSocket client's, for a fair comparison."""
+
+    __slots__ = ("_buf", "_head", "got", "group", "head_done", "slow", "tag", "tally", "transport", "worker")
+
+    def __init__(self, worker: Worker, tag: str, group: str, slow: bool, request: bytes) -> None:
+        self.worker = worker
+        self.tag = tag
+        self.group = group
+        self.slow = slow
+        self.tally = worker.tally(tag)
+        self.transport: _SseTransport | None = None
+        self.got = 0
+        self._head = request
+        self._buf = b""
+        self.head_done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+
+    def connection_made(self, transport: Any) -> None:  # uvloop's transports are not asyncio.Transport by class
+        self.transport = _SseTransport(transport)
+        transport.write(self._head)
+
+    async def subscribe_gateway(self) -> None:
+        await asyncio.wait_for(self.head_done, 60)
+
+    def data_received(self, data: bytes) -> None:
+        now = time.monotonic_ns()
+        buf = self._buf + data if self._buf else data
+        if not self.head_done.done():
+            end = buf.find(b"\r\n\r\n")
+            if end < 0:
+                self._buf = buf
+                return
+            if not buf.startswith(b"HTTP/1.1 200 "):
+                self.head_done.set_exception(RuntimeError(buf[:end].split(b"\r\n", 1)[0].decode()))
+                return
+            self.head_done.set_result(None)
+            buf = buf[end + 4:]
+        start = 0
+        while True:
+            end = buf.find(b"\n\n", start)
+            if end < 0:
+                break
+            event = buf[start:end]
+            start = end + 2
+            if not event.startswith(b"event: state\n"):
+                continue  # a ping
+            data_at = event.find(b"data: ")
+            line_end = event.find(b"\n", data_at)
+            if not record(self, event[data_at + 6:line_end], now):
+                self.tally.other += 1
+        self._buf = buf[start:]
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if not self.head_done.done():
+            self.head_done.set_exception(ConnectionError("closed before the answer"))
+        if self.transport is not None and not self.transport.closed.done():
+            self.transport.closed.set_result(None)
 
 
 def worker_main(pipe: Connection, index: int, source_ip: str, cpus: list[int] | None) -> None:

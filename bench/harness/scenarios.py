@@ -28,7 +28,8 @@ from bench.harness.core import (
     summarize,
 )
 
-SINGLE = ("gateway", "gateway-post", "nchan", "node-ws", "websockets", "floor")
+# gateway-sse: the same gateway, its sessions subscribed over RFC 8620 §7.3 event streams instead of WebSockets.
+SINGLE = ("gateway", "gateway-post", "gateway-sse", "nchan", "node-ws", "websockets", "floor")
 PEERS = ("gateway", "nchan", "node-ws", "websockets")
 # The publish-path scenarios also run the gateway fed one POST per event (the peers' contract), beside the NDJSON
 # stream its injectors use, so that both figures come from one run.

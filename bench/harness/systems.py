@@ -293,13 +293,18 @@ class Gateway(System):
     label = "jmap-push-gateway"
     gateway = True
 
-    def __init__(self, *, bus: str = "memory", publish: str = "ndjson", **kw: Any) -> None:
+    def __init__(self, *, bus: str = "memory", publish: str = "ndjson", sse: bool = False, **kw: Any) -> None:
         """`publish`: "ndjson" streams events to `POST /admin/events` (one long request, a line per event, the
-        injector path issue 13 built), "post" sends one request per event (the peers' contract)."""
+        injector path issue 13 built), "post" sends one request per event (the peers' contract). `sse`: the
+        sessions subscribe over RFC 8620 §7.3 event streams (`eventSourceUrl`) instead of WebSockets."""
         super().__init__(**kw)
         self.bus = bus
         self.publish_via = publish
-        if bus != "memory":
+        self.sse = sse
+        if sse:
+            self.name = "gateway-sse"
+            self.label = "jmap-push-gateway (EventSource)"
+        elif bus != "memory":
             self.name = f"gateway-{bus}"
             self.label = f"jmap-push-gateway ({bus})"
             self.publish_via = bus
@@ -327,12 +332,16 @@ class Gateway(System):
         self.port = self.pub_port = int(text.split("127.0.0.1:")[1].split()[0].strip("/"))
 
     def sub_url(self, user: str) -> str:
+        if self.sse:
+            return f"http://127.0.0.1:{self.port}/jmap/eventsource/?types=*&closeafter=no&ping=0"
         return f"ws://127.0.0.1:{self.port}/jmap/ws"
 
     def sub_headers(self, user: str) -> list[tuple[str, str]]:
         import base64
 
         token = base64.b64encode(f"{user}:{PASSWORD}".encode()).decode()
+        if self.sse:
+            return [("Authorization", f"Basic {token}")]
         return [("Authorization", f"Basic {token}"), ("Sec-WebSocket-Protocol", "jmap")]
 
     def event(self, user: str, state: str, seq: int) -> bytes:

@@ -9,8 +9,13 @@ Contract (every adapter documents how it meets it):
   bus received them; events of one username keep their publish order. The handler never awaits and does not fail
   (the hub takes the events or drops them for lack of subscribers).
 - A bus may lose events while it is disconnected (a gap). It then calls `on_gap()` once it is back, and the hub
-  re-sends every push-enabled session what it may have missed, from the current states. A bus without gaps
-  (memory) never calls it.
+  re-sends every push-enabled session what it may have missed, from the current states. A bus that knows whose
+  events it may have lost (one upstream event stream was down) says so: `on_gap(usernames)`, and only their
+  accounts are read again. A bus without gaps (memory) never calls it.
+- A bus that reads events with its clients' own credentials (front mode's upstream event streams) may have the
+  methods `principal_joined(username, principal)` and `principal_left(username, principal)`: the hub then calls
+  them whenever a subscription covering an account of `username` is registered or removed (joined before the
+  first `subscribe`, left before the last `unsubscribe`), so that the bus knows whose credentials it may use.
 - `publish(events)` returns once the bus has accepted them (for RabbitMQ: publisher confirms). Every subscriber of
   a username on every node receives each published event exactly once while connected.
 - `wait_subscribed(usernames)` returns once events of those (subscribed) usernames reach this node.
@@ -26,7 +31,12 @@ from typing import Protocol
 from gateway.bus.events import StateChangeEvent
 
 EventHandler = Callable[[Sequence[StateChangeEvent]], None]
-GapHandler = Callable[[], None]
+
+
+class GapHandler(Protocol):
+    """`on_gap()`: anything may have been lost; `on_gap(usernames)`: only events of these usernames."""
+
+    def __call__(self, usernames: Collection[str] | None = None, /) -> None: ...
 
 
 class Bus(Protocol):

@@ -29,7 +29,7 @@ import asyncio
 import logging
 import time
 from bisect import bisect_left
-from collections.abc import Awaitable, Callable, Coroutine, Sequence
+from collections.abc import Awaitable, Callable, Collection, Coroutine, Iterable, Sequence
 from types import ModuleType
 from typing import Any
 
@@ -143,6 +143,9 @@ class Hub:
         self._window: dict[str, dict[str, str]] = {}
         self._window_handle: asyncio.TimerHandle | None = None
         self._encoder = msgspec.json.Encoder()
+        # Optional bus hooks (gateway.bus.base): who covers an owner, for a bus that reads with their credentials.
+        self._joined: Callable[[str, Principal], None] | None = getattr(bus, "principal_joined", None)
+        self._left: Callable[[str, Principal], None] | None = getattr(bus, "principal_left", None)
 
     # --- registration --------------------------------------------------------------------------------------
 
@@ -240,6 +243,8 @@ class Hub:
             ids[account.id] = ids.get(account.id, 0) + 1
             n = self._owner_refs.get(account.owner, 0)
             self._owner_refs[account.owner] = n + 1
+            if self._joined is not None:
+                self._joined(account.owner, sub.principal)
             if n == 0:
                 self._bus.subscribe(account.owner)
 
@@ -274,6 +279,8 @@ class Hub:
                     if not ids:
                         del self._owner_accounts[account.owner]
             n = self._owner_refs.get(account.owner, 0) - 1
+            if self._left is not None:
+                self._left(account.owner, sub.principal)
             if n <= 0:
                 self._owner_refs.pop(account.owner, None)
                 self._bus.unsubscribe(account.owner)
@@ -560,14 +567,22 @@ class Hub:
 
     # --- gaps ----------------------------------------------------------------------------------------------
 
-    def on_gap(self) -> None:
-        """The bus may have lost events: nothing here is current any more. Re-read every covered account and
-        push whatever differs; states only the bus carries become uncertain (ledger)."""
-        for acc, live in self._states.items():
+    def on_gap(self, owners: Collection[str] | None = None) -> None:
+        """The bus may have lost events (of `owners` only, when it says so): those states are not current any more.
+        Re-read every such covered account and push whatever differs; states only the bus carries become
+        uncertain (ledger)."""
+        if owners is None:
+            accounts: Iterable[str] = list(self._states)
+        else:
+            accounts = [acc for owner in owners for acc in self._owner_accounts.get(owner, ())]
+        for acc in accounts:
+            live = self._states.get(acc)
+            if live is None:
+                continue
             self._remember(acc, live)
             for t in [t for t in live if t not in self._path_types]:
                 del live[t]
-        self._complete.clear()
+            self._complete.discard(acc)
         self._spawn(self.resync())
 
     async def resync(self) -> None:

@@ -26,6 +26,8 @@ from gateway.errors import LIMIT, PROBLEM_CONTENT_TYPE, GatewayError, HTTPProble
 from gateway.jmap.codec import decode_api_request
 from gateway.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from gateway.metrics import Metrics
+from gateway.transport.front import RequestHead, UpgradeHandler
+from gateway.transport.sse import EVENT_SOURCE_PATHS
 from gateway.upstream.base import RequestPath, SessionContext
 
 log = logging.getLogger(__name__)
@@ -45,6 +47,8 @@ class HttpServices:
     metrics: Metrics
     readiness: Callable[[], dict[str, bool]]
     context: Callable[[], SessionContext]  # the URLs are known once the port is bound
+    # Takes over an event-stream request that came on a connection which served other requests first.
+    event_source: UpgradeHandler | None = None
 
 
 SERVICES: web.AppKey[HttpServices] = web.AppKey("services")
@@ -275,6 +279,28 @@ async def upload(request: web.Request) -> web.Response:
     return web.Response(status=answer.status, body=body, headers=answer.headers)
 
 
+async def event_source_after_requests(request: web.Request) -> web.StreamResponse:
+    """RFC 8620 §7.3 on a connection that served other requests first: browsers (and proxies' upstream pools) reuse
+    keep-alive connections for an EventSource, and the front protocol routes only a connection's first request. The
+    stream takes the connection over from aiohttp as it would from the front protocol; refusals are answered here
+    (the connection stays alive)."""
+    services = request.app[SERVICES]
+    transport = request.transport
+    if services.event_source is None or transport is None:
+        raise HTTPProblem(404, "No event-source resource here.")
+    version = request.version
+    lines = [f"{request.method} {request.raw_path} HTTP/{version.major}.{version.minor}".encode("latin-1")]
+    lines.extend(name + b": " + value for name, value in request.raw_headers)
+    await services.event_source(RequestHead(b"\r\n".join(lines) + b"\r\n\r\n"), transport, b"")
+    if transport.get_protocol() is not request.protocol:
+        # The connection carries the event stream now: aiohttp lets go of it. Told the connection is lost (with
+        # no transport to close), it ends its bookkeeping of it, and the answer it still means to write finds no
+        # transport (aiohttp takes that for a client that went away, and writes nothing).
+        request.protocol.transport = None
+        request.protocol.connection_lost(None)
+    return web.Response()
+
+
 def build_app(services: HttpServices) -> web.Application:
     app = web.Application(middlewares=[problems], client_max_size=services.settings.max_size_request + 1)
     app[SERVICES] = services
@@ -283,6 +309,8 @@ def build_app(services: HttpServices) -> web.Application:
     app.router.add_post("/jmap/api", api)
     app.router.add_post("/jmap/ws/ticket", ticket)
     app.router.add_get("/jmap/ws", ws_without_upgrade)
+    for path in EVENT_SOURCE_PATHS:
+        app.router.add_get(path, event_source_after_requests)
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
     app.router.add_get("/metrics", metrics)

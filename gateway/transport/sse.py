@@ -72,7 +72,9 @@ class SseConnection(asyncio.Protocol):
         pass  # RFC 8620 §7.3 streams go one way; a pipelined request has no answer here (the answer never ends)
 
     def eof_received(self) -> bool:
-        return True  # keep writing after the client half-closed
+        # The client closed its side: EventSource clients (browsers, httpx-sse, the front mode's upstream streams)
+        # never half-close, they go away. Ending at once frees the subscription now instead of at the next write.
+        return False
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.state.closing = True

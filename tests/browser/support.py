@@ -69,6 +69,12 @@ class Flow:
     head: bytes
     to_server: bytearray = field(default_factory=bytearray)  # after the head
     to_client: bytearray = field(default_factory=bytearray)
+    client: asyncio.StreamWriter | None = field(default=None, repr=False, compare=False)
+
+    def abort(self) -> None:
+        """Drop the browser's connection, as a network failure would."""
+        if self.client is not None:
+            _abort(self.client)
 
     @property
     def path(self) -> str:
@@ -132,7 +138,7 @@ class SameOriginFront:
                 return
             up_reader, up_writer = await asyncio.open_connection("127.0.0.1", self.upstream_port)
             self._writers.add(up_writer)
-            flow = Flow(head)
+            flow = Flow(head, client=writer)
             self.flows.append(flow)
             up_writer.write(head)
             await asyncio.gather(self._pipe(reader, up_writer, flow.to_server),
@@ -174,6 +180,11 @@ class SameOriginFront:
 
     def websocket_flows(self) -> list[Flow]:
         return [f for f in self.flows if f.is_websocket]
+
+    def event_source_flows(self) -> list[Flow]:
+        """Connections that carried an event-source request: as their first request, or after others (browsers
+        reuse a keep-alive connection for an EventSource)."""
+        return [f for f in self.flows if b"GET /jmap/eventsource/" in f.head + f.to_server]
 
 
 def _abort(writer: asyncio.StreamWriter) -> None:

@@ -2,8 +2,8 @@
 `fetch`, opens `new WebSocket(url, "jmap")` with permessage-deflate, enables push, and receives the StateChange of
 a mail delivered over real SMTP; a Request/Response round trip and a resynchronisation run from the page too.
 
-The page (push_page.html) keeps one part per push transport in window.jmapTest; the helpers below read any part,
-so an EventSource test (RFC 8620 §7.3) is the WebSocket test with `startEventSource` and the "eventSource" part.
+The page (push_page.html) keeps one part per push transport in window.jmapTest; the helpers below read any part:
+the EventSource test (RFC 8620 §7.3) is the WebSocket test with `startEventSource` and the "eventSource" part.
 """
 
 from __future__ import annotations
@@ -190,6 +190,48 @@ async def test_websocket_push_reaches_chromium(chromium: Any, front: SameOriginF
     assert any(compressed for compressed, _ in received)  # Chromium compresses what it sends
 
 
-# An EventSource test (RFC 8620 §7.3) goes here, beside the WebSocket one: the same gateway and front, then
-# `await call_page(chromium, "startEventSource", BOB[0], BOB[1])`, a delivery, and
-# `await state_changes(chromium, "eventSource")`; the front's flows show the text/event-stream answer.
+async def test_event_source_push_reaches_chromium(chromium: Any, front: SameOriginFront,
+                                                  make_gateway: GatewayFactory) -> None:
+    """RFC 8620 §7.3 from the browser: `new EventSource(url)` with a ticket in the URL (it cannot send
+    Authorization) receives the StateChange of an SMTP delivery as a `state` event whose id is its pushState; when
+    the connection breaks, the page opens a new one with a fresh ticket and is pushed the next delivery."""
+    smtp_port = free_port()
+    gw = await make_gateway(backend=True, SMTP_PORT=str(smtp_port), PUBLIC_URL=front.url)
+    front.upstream_port = gw.port
+    account = account_id_for(BOB[0])
+    await asyncio.to_thread(chromium.get, front.url + "/")
+
+    part = await call_page(chromium, "startEventSource", BOB[0], BOB[1], 30)
+    assert part["url"] == f"{front.url}/jmap/eventsource/?types=*&closeafter=no&ping=30"
+    assert part["accountId"] == account and part["opened"] == 1
+    # Open in the page means the gateway answered and registered the stream: a delivery now is pushed.
+    await asyncio.to_thread(send_mail, smtp_port, BOB[0], "hello EventSource")
+    [change] = await state_changes(chromium, "eventSource")
+    assert change["@type"] == "StateChange" and list(change["changed"]) == [account]
+    assert {"Email", "Mailbox", "EmailDelivery"} <= set(change["changed"][account])
+    ids = await asyncio.to_thread(chromium.execute_script, "return jmapTest.eventSource.ids;")
+    assert ids == [change["pushState"]]  # the event id is the pushState (Last-Event-ID resumes from it)
+
+    # The server's side, from the relayed bytes: a ticket in the URL, no Authorization, an event stream, the state
+    # event. Chromium may send the request on a keep-alive connection that carried the page's fetches first.
+    [flow] = front.event_source_flows()
+    sent = bytes(flow.head + flow.to_server)
+    request = sent[sent.index(b"GET /jmap/eventsource/"):]
+    request = request[:request.index(b"\r\n\r\n") + 4]
+    assert b"&ticket=" in request.split(b"\r\n", 1)[0] and header(request, "authorization") == ""
+    assert header(request, "accept") == "text/event-stream"
+    received = bytes(flow.to_client)
+    answer = received[received.rindex(b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream"):]
+    head, body = answer.split(b"\r\n\r\n", 1)
+    assert header(head, "cache-control") == "no-cache"
+    assert body.startswith(b"event: state\ndata: ") and b"\nid: " + change["pushState"].encode() in body
+
+    # The connection breaks: the page reopens with a new ticket (the first one is spent) and is pushed again.
+    flow.abort()
+    await page_until(chromium, "jmapTest.eventSource.opened >= 2", "the EventSource to be opened again")
+    tickets = await asyncio.to_thread(chromium.execute_script, "return jmapTest.eventSource.tickets;")
+    assert len(tickets) == 2 and tickets[0] != tickets[1]
+    await asyncio.to_thread(send_mail, smtp_port, BOB[0], "hello again")
+    second = (await state_changes(chromium, "eventSource", 2))[1]
+    assert second["changed"][account]["Email"] != change["changed"][account]["Email"]
+    await asyncio.to_thread(chromium.execute_script, "jmapTest.source.close();")

@@ -175,3 +175,38 @@ async def test_only_get(gateway: Gateway, method: str) -> None:
     async with aiohttp.ClientSession() as http, \
             http.request(method, es_url(gateway), headers={"Authorization": basic(BOB)}) as r:
         assert r.status == 405 and r.headers["Allow"] == "GET"
+
+
+async def test_a_stream_on_a_keep_alive_connection_that_served_requests_first(gateway: Gateway) -> None:
+    """Browsers and proxies reuse keep-alive connections for an EventSource: the request then reaches the HTTP
+    surface (the front protocol routed the connection's first request), which hands the connection over."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", gateway.port)
+
+    async def answer() -> tuple[bytes, bytes]:
+        head = await reader.readuntil(b"\r\n\r\n")
+        length = int(next(line.split(b":", 1)[1] for line in head.split(b"\r\n")
+                          if line.lower().startswith(b"content-length:")))
+        return head, await reader.readexactly(length)
+
+    writer.write(f"GET /jmap/session HTTP/1.1\r\nHost: x\r\nAuthorization: {basic(BOB)}\r\n\r\n".encode())
+    head, _ = await answer()
+    assert head.startswith(b"HTTP/1.1 200 ")
+    target = "/jmap/eventsource/?types=*&closeafter=no&ping=0"
+    writer.write(f"GET {target} HTTP/1.1\r\nHost: x\r\nAuthorization: {basic(ALICE)}x\r\n\r\n".encode())
+    head, body = await answer()  # a refusal is an ordinary answer: the connection stays usable
+    assert head.startswith(b"HTTP/1.1 401 ") and json.loads(body)["status"] == 401
+    writer.write(f"GET {target} HTTP/1.1\r\nHost: x\r\nAuthorization: {basic(BOB)}\r\n"
+                 f"Accept: text/event-stream\r\n\r\n".encode())
+    head = await reader.readuntil(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\n")
+    await until_subscribed(gateway)
+    await publish(gateway, BOB[0], Email="e1")
+    event = await asyncio.wait_for(reader.readuntil(b"\n\n"), 5)
+    assert event.startswith(b"event: state\ndata: ")
+    assert json.loads(event.split(b"\n")[1][6:])["changed"] == {BOB_ACC: {"Email": "e1"}}
+    writer.close()
+    for _ in range(500):
+        if not gateway.eventsource.connections and not gateway.hub.subscriptions:
+            break
+        await asyncio.sleep(0.01)
+    assert not gateway.eventsource.connections and not gateway.hub.subscriptions

@@ -11,7 +11,7 @@ import logging
 import random
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Collection, Sequence
 from typing import Any
 
 import aio_pika
@@ -54,7 +54,8 @@ class Recorder:
         self.batches.append(list(events))
         self._changed.set()
 
-    def on_gap(self) -> None:
+    def on_gap(self, usernames: Collection[str] | None = None, /) -> None:
+        assert usernames is None  # a lost connection: any event may have been lost
         self.gaps += 1
         self._changed.set()
 

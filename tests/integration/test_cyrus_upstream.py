@@ -3,20 +3,24 @@ cyrus_support.py): its session through the gateway, JMAP requests over the gatew
 Cyrus, an LMTP delivery seen through Email/query, and a pushState resume computed from Cyrus's states.
 
 The bus is the in-process one: Cyrus publishes nothing on RabbitMQ, and Debian's build serves no EventSource
-(cyrus_support.py says why), so no live push comes from it yet.
+(cyrus_support.py says why), so no live push comes from it; with GATEWAY_UPSTREAM_EVENTS=eventsource the front
+asks for the stream, gets 204, and backs off without spinning (the last test).
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
+import logging
 from email.message import EmailMessage
 from typing import Any
 
 import aiohttp
+import pytest
 import websockets
 
 from gateway.app import Gateway
+from gateway.bus.eventsource import NO_STREAM_RETRY, UpstreamEventStreams
 from tests.conftest import GatewayFactory, connect, http_url
 from tests.e2e.test_ws_protocol import recv_json
 from tests.integration.cyrus_support import Cyrus, cyrus  # noqa: F401  (the module's Cyrus fixture)
@@ -146,3 +150,42 @@ async def test_resume_after_a_delivery_while_away(cyrus: Cyrus, make_gateway: Ga
 async def request_once(gw: Gateway, cyrus: Cyrus, calls: list[list[Any]]) -> dict[str, Any]:  # noqa: F811
     async with await connect(gw, (cyrus.user, cyrus.password)) as ws:
         return await request(ws, "once", calls)
+
+
+async def test_front_over_cyrus_event_source_backs_off_on_204(cyrus: Cyrus, make_gateway: GatewayFactory,  # noqa: F811
+                                                              caplog: pytest.LogCaptureFixture) -> None:
+    """GATEWAY_UPSTREAM_EVENTS=eventsource in front of Debian's Cyrus, whose eventSourceUrl answers 204 No Content
+    (built without wslay, cyrus_support.py): "no event stream here". The front asks once, logs it once, counts
+    it, is not ready, and does not ask again for NO_STREAM_RETRY seconds however its sessions come and go;
+    requests and resumes (read from Cyrus) keep working."""
+    gw = await make_gateway(UPSTREAM_URL=cyrus.session_url, UPSTREAM_EVENTS="eventsource", AUTH_RECHECK="0")
+    bus = gw.bus
+    assert isinstance(bus, UpstreamEventStreams)
+    with caplog.at_level(logging.WARNING, logger="gateway.bus.eventsource"):
+        first = await full_state(gw, cyrus)  # a push-enabled session: the account's stream is asked for
+        for _ in range(500):
+            if bus.no_content:
+                break
+            await asyncio.sleep(0.02)
+        assert bus.no_content == 1 and bus.attempts == 1 and bus.streams_open == 0
+        assert not bus.ready
+        async with aiohttp.ClientSession() as http, http.get(http_url(gw, "/readyz")) as answer:
+            assert answer.status == 503
+
+        # More sessions of the account, a delivery and a resume: all answered from Cyrus, and no new request for
+        # an event stream (the only one was answered 204; the next is due NO_STREAM_RETRY seconds later).
+        await asyncio.to_thread(cyrus.deliver, mail("no push from Cyrus", f"{cyrus.user}@localhost"))
+        async with await connect(gw, (cyrus.user, cyrus.password)) as ws:
+            await ws.send(json.dumps({"@type": "WebSocketPushEnable", "dataTypes": None,
+                                      "pushState": first["pushState"]}))
+            missed = await recv_json(ws)
+            assert missed["changed"][cyrus.user]["Email"] != first["changed"][cyrus.user]["Email"]
+            echo = await request(ws, "r", [["Core/echo", {"still": "answered"}, "e"]])
+            assert echo["methodResponses"] == [["Core/echo", {"still": "answered"}, "e"]]
+        assert bus.attempts == 1 and bus.no_content == 1
+    assert NO_STREAM_RETRY >= 60
+    warnings = [r for r in caplog.records if "204 No Content" in r.getMessage()]
+    assert len(warnings) == 1
+    async with aiohttp.ClientSession() as http, http.get(http_url(gw, "/metrics")) as answer:
+        text = await answer.text()
+    assert "gateway_bus_upstream_stream_no_content_total 1.0" in text

@@ -67,3 +67,25 @@ def test_the_readme_table_shows_the_defaults_of_the_specs() -> None:
     rows = dict(re.findall(r"^\|\s*`(GATEWAY_[A-Z0-9_]+)`\s*\|\s*([^|]*?)\s*\|", README.read_text(), flags=re.M))
     for spec in SPECS:
         assert rows[spec.name] == (f"`{spec.default}`" if spec.default else "(unset)"), spec.name
+
+
+def test_upstream_events_need_front_mode_and_the_memory_bus() -> None:
+    front = {"GATEWAY_UPSTREAM_URL": "https://jmap.example.com/jmap/session"}
+    assert load({**front, "GATEWAY_UPSTREAM_EVENTS": "eventsource"}).upstream_events == "eventsource"
+    assert load(front).upstream_events == "bus"  # the default: events from GATEWAY_BUS, as before
+    for env, why in (({"GATEWAY_UPSTREAM_EVENTS": "eventsource"}, "GATEWAY_UPSTREAM_URL"),
+                     ({**front, "GATEWAY_UPSTREAM_EVENTS": "eventsource", "GATEWAY_BUS": "amqp"}, "GATEWAY_BUS=amqp")):
+        with pytest.raises(ConfigError) as info:
+            load(env)
+        assert info.value.name == "GATEWAY_UPSTREAM_EVENTS" and why in str(info.value)
+    with pytest.raises(ConfigError):
+        load({**front, "GATEWAY_UPSTREAM_EVENTS": "websocket"})
+
+
+def test_workers_with_upstream_event_streams_need_no_shared_bus() -> None:
+    from gateway.cli import refusal
+
+    front = {"GATEWAY_UPSTREAM_URL": "https://jmap.example.com/jmap/session", "GATEWAY_WORKERS": "2"}
+    assert refusal(load(front)) is not None  # the memory bus would keep an injected event on one worker
+    # Every worker reads the upstream streams of its own sessions.
+    assert refusal(load({**front, "GATEWAY_UPSTREAM_EVENTS": "eventsource"})) is None

@@ -14,6 +14,7 @@ from gateway.eventstream import (
     ping_event,
     response_head,
     state_event,
+    stream_url,
 )
 
 
@@ -58,3 +59,14 @@ def test_expiry_and_slow_clients_end_the_stream() -> None:
     s = StreamState(0, 0.0, expires_at=None, slow_timeout=5)
     s.paused_since = 2.0
     assert s.deadline == 7.0 and s.timer(7.0) == "slow" and s.timer(8.0) is None
+
+
+def test_stream_url_expands_the_template() -> None:
+    # RFC 8620 §7.3 variables, level-1 expansion; `*` and `,` stay as they are (a query may hold them).
+    template = "https://jmap.example.com/jmap/eventsource/?types={types}&closeafter={closeafter}&ping={ping}"
+    assert stream_url(template, "*", "no", 30) == (
+        "https://jmap.example.com/jmap/eventsource/?types=*&closeafter=no&ping=30")
+    assert stream_url(template, "Email,Mailbox", "state") == (
+        "https://jmap.example.com/jmap/eventsource/?types=Email,Mailbox&closeafter=state&ping=0")
+    assert stream_url("/es?t={types}&x={unknown}", "a b&c") == "/es?t=a%20b%26c&x="
+    assert parse_request({"types": ["*"], "closeafter": ["no"], "ping": ["30"]}).types is None  # what we send

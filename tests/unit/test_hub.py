@@ -313,3 +313,61 @@ async def test_a_change_before_the_binding_is_pushed_to_a_session_enabled_withou
     await enabling
     assert source.calls == 2
     assert changed(t) == [{ACC: {"Email": "e2"}}], "what moved before the binding is pushed once bound"
+
+
+async def test_a_gap_of_some_owners_reads_only_their_accounts() -> None:
+    alice = directory.principal("alice")
+    alice_acc = alice.account_ids[0]
+    hub, _, source = make({ACC: {"Email": "e1"}, alice_acc: {"Email": "a1"}})
+    bob_t, alice_t = target(), target()
+    await hub.enable(bob_t, BOB, None, None, lambda: True)
+    await hub.enable(alice_t, alice, None, None, lambda: True)
+    calls = source.calls
+    source.states[ACC] = {"Email": "e2"}
+    source.states[alice_acc] = {"Email": "a2"}  # moved too, but Alice's events were not lost
+    hub.on_gap(["bob"])  # e.g. Bob's upstream event stream was down
+    await asyncio.gather(*hub._tasks)
+    assert source.calls == calls + 1
+    assert changed(bob_t)[-1] == {ACC: {"Email": "e2"}}
+    assert alice_t.transport.frames == []
+    assert ACC in hub._complete and alice_acc in hub._complete
+
+
+class HookedBus(FakeBus):
+    """A bus with the port's optional hooks (front mode's upstream event streams have them)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls: list[tuple[str, str, Any]] = []
+
+    def principal_joined(self, owner: str, principal: Any) -> None:
+        self.calls.append(("joined", owner, principal))
+
+    def principal_left(self, owner: str, principal: Any) -> None:
+        self.calls.append(("left", owner, principal))
+
+    def subscribe(self, u: str) -> None:
+        self.calls.append(("subscribe", u, None))
+
+    def unsubscribe(self, u: str) -> None:
+        self.calls.append(("unsubscribe", u, None))
+
+
+async def test_a_bus_with_hooks_is_told_who_covers_an_owner() -> None:
+    directory.grant("alice", "bob")
+    try:
+        bob = directory.principal("bob")  # Bob's own account and Alice's
+        bus = HookedBus()
+        hub = Hub(bus, States({}), twin)  # type: ignore[arg-type]
+        first, second = target(), target()
+        await hub.enable(first, bob, None, None, lambda: True)
+        await hub.enable(second, BOB, None, None, lambda: True)
+        # Joined before the first subscribe (the bus may open a stream with these credentials at once).
+        assert bus.calls == [("joined", "bob", bob), ("subscribe", "bob", None), ("joined", "alice", bob),
+                             ("subscribe", "alice", None), ("joined", "bob", BOB)]
+        bus.calls.clear()
+        hub.disable(first)
+        # Left before the last unsubscribe; Bob's account stays covered by the second session.
+        assert bus.calls == [("left", "bob", bob), ("left", "alice", bob), ("unsubscribe", "alice", None)]
+    finally:
+        directory.revoke("alice", "bob")
