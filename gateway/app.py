@@ -29,10 +29,11 @@ from gateway.directory import Directory, Principal
 from gateway.errors import Close, HTTPProblem, ProtocolViolation, RequestLevelError
 from gateway.fanout.hub import Hub
 from gateway.jmap.types import CORE, WEBSOCKET
+from gateway.logs import ClientMistakes, PicowsLog
 from gateway.metrics import Metrics, counter, gauge
 from gateway.session import EnablePush, Run
 from gateway.transport.front import FrontProtocol, RequestHead
-from gateway.transport.http import build_app
+from gateway.transport.http import build_app, connection_factory
 from gateway.transport.timers import TimerWheel
 from gateway.transport.ws import Connection
 from gateway.upstream.auth import FrontAuthenticator, Rechecker
@@ -43,10 +44,6 @@ log = logging.getLogger(__name__)
 SERVER_FAIL = "urn:ietf:params:jmap:error:serverFail"
 # picows' smallest read buffer (it grows by doubling for larger messages): idle connections dominate memory.
 READ_BUFFER_INIT = 2048
-
-
-class _PicowsLog(logging.LoggerAdapter[logging.Logger]):
-    """A logger-like object, so picows does not create a child Logger per connection (idle memory)."""
 
 
 class Gateway:
@@ -88,7 +85,9 @@ class Gateway:
         self._wheel: TimerWheel | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._ws_paths = frozenset({"/jmap/ws"})
-        self._picows_log = _PicowsLog(logging.getLogger("picows.server"), {})
+        # Clients' mistakes are logged once per kind and minute at INFO, never at ERROR (gateway.logs).
+        self.client_mistakes = ClientMistakes(logging.getLogger("gateway.clients"))
+        self._picows_log = PicowsLog(logging.getLogger("picows.server"), self.client_mistakes)
         self.port: int = settings.port
         if self.front is None:
             self.directory.add_listener(self._on_delegation)
@@ -150,10 +149,11 @@ class Gateway:
             await self._smtp.start()
         self._runner = web.AppRunner(build_app(self), access_log=None, handle_signals=False)
         await self._runner.setup()
-        http_factory = self._runner.server
-        assert http_factory is not None
+        assert self._runner.server is not None
+        http_factory = connection_factory(self._runner.server, self.settings, self.client_mistakes)
         self._server = await self._loop.create_server(
-            lambda: FrontProtocol(self._ws_paths, self._accept_websocket, http_factory, self._track),
+            lambda: FrontProtocol(self._ws_paths, self._accept_websocket, http_factory, self._track,
+                                  self.settings.max_head_bytes),
             self.settings.host, self.settings.port, reuse_port=self.settings.workers > 1, backlog=4096)
         self.port = self._server.sockets[0].getsockname()[1]
         log.info("listening on %s:%d (coalescer: %s, broadcast: %s, bus: %s, node %s)", self.settings.host,

@@ -36,7 +36,7 @@ import signal
 import socket
 import sys
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 
 import uvloop
@@ -44,6 +44,7 @@ import uvloop
 from gateway import native
 from gateway.config import ConfigError, Settings, load
 from gateway.errors import GatewayError
+from gateway.logs import install_redaction, settings_secrets
 
 log = logging.getLogger(__name__)
 
@@ -56,9 +57,11 @@ RESTART_DELAYS = (0.5, 1.0, 2.0, 5.0, 10.0, 30.0)
 STOP_MARGIN = 15.0
 
 
-def configure_logging(level: str, tag: str = "") -> None:
+def configure_logging(level: str, tag: str = "", secrets: Iterable[str] = ()) -> None:
     prefix = f"[{tag}] " if tag else ""
     logging.basicConfig(level=level, format=f"%(asctime)s %(levelname)s {prefix}%(name)s: %(message)s")
+    # No credential in any log line, whoever logs it (gateway.logs).
+    install_redaction(secrets)
     # picows logs every accepted connection at INFO; at 100k connections that is noise, not information.
     logging.getLogger("picows").setLevel(max(logging.WARNING, logging.getLevelName(level)))
 
@@ -344,7 +347,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"jmap-gateway: {problem}", file=sys.stderr)
             return 2
     configure_logging(settings.log_level, f"worker {worker.index}" if worker else
-                      ("supervisor" if settings.workers > 1 else ""))
+                      ("supervisor" if settings.workers > 1 else ""), settings_secrets(settings))
     if settings.require_native:
         try:
             native.require_all()

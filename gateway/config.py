@@ -162,6 +162,13 @@ SPECS: tuple[Spec, ...] = (
          "`maxSizeUpload` advertised in the session."),
     Spec("GATEWAY_MAX_CONCURRENT_UPLOAD", "max_concurrent_upload", _int(1, 1000), "4",
          "`maxConcurrentUpload` advertised in the session."),
+    # --- limits on hostile input (README "Limits") ---
+    Spec("GATEWAY_MAX_JSON_DEPTH", "max_json_depth", _int(8, 512), "64",
+         "Deepest nesting of arrays and objects accepted in client JSON (socket messages, `/jmap/api` bodies); "
+         "deeper gets `notJSON` (HTTP 400) before it is parsed. JMAP needs about 20 levels."),
+    Spec("GATEWAY_MAX_HEAD_BYTES", "max_head_bytes", _int(1024, 1 << 20), "16384",
+         "Largest HTTP request head (request line and headers) accepted; larger gets 431 and the connection "
+         "is closed."),
     # --- permessage-deflate (RFC 7692) ---
     Spec("GATEWAY_DEFLATE", "deflate", _bool, "true",
          "Accept permessage-deflate offers (always with server_ and client_no_context_takeover)."),
@@ -257,6 +264,8 @@ class Settings:
     max_objects_in_set: int = 500
     max_size_upload: int = 50_000_000
     max_concurrent_upload: int = 4
+    max_json_depth: int = 64
+    max_head_bytes: int = 16384
     deflate: bool = True
     deflate_level: int = 6
     deflate_min_bytes: int = 128

@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Collection
 
 from gateway.errors import LIMIT, Close, RequestLevelError
-from gateway.jmap.codec import decode_client, encoder, request_id_of
+from gateway.jmap.codec import DEFAULT_MAX_DEPTH, decode_client, encoder, request_id_of
 from gateway.jmap.types import (
     ApiRequest,
     ApiResponse,
@@ -77,13 +77,14 @@ DISABLE = DisablePush()
 class JmapSession:
     """The protocol state of one authenticated WebSocket connection."""
 
-    __slots__ = ("_max_calls", "_max_concurrent", "_supported", "in_flight")
+    __slots__ = ("_max_calls", "_max_concurrent", "_max_depth", "_supported", "in_flight")
 
     def __init__(self, supported_capabilities: Collection[str], max_calls_in_request: int,
-                 max_concurrent_requests: int) -> None:
+                 max_concurrent_requests: int, max_json_depth: int = DEFAULT_MAX_DEPTH) -> None:
         self._supported = supported_capabilities
         self._max_calls = max_calls_in_request
         self._max_concurrent = max_concurrent_requests
+        self._max_depth = max_json_depth
         self.in_flight = 0
 
     def receive(self, opcode: int, payload: bytes) -> Action:
@@ -92,7 +93,7 @@ class JmapSession:
             # RFC 8887 §4.2: JMAP messages are text; DESIGN.md §4: a binary frame closes with 1003.
             return CloseWith(Close.UNSUPPORTED_DATA, "binary messages are not supported")
         try:
-            message = decode_client(payload)
+            message = decode_client(payload, self._max_depth)
         except RequestLevelError as exc:
             return Reply(encoder.encode(exc.to_request_error(request_id_of(exc))))
         if isinstance(message, Request):

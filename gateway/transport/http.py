@@ -1,25 +1,31 @@
 """The HTTP surface on aiohttp: session resource, API, tickets, health, metrics, admin, downloads.
 
-Every error answer is an RFC 7807 problem body, produced in one middleware from the error hierarchy.
+Every error answer is an RFC 7807 problem body, produced in one middleware from the error hierarchy, and for
+requests aiohttp's parser refuses, by `ProblemRequestHandler` (400, or 431 for an oversized head).
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import msgspec
 from aiohttp import web
+from aiohttp.http_exceptions import BadHttpMessage, LineTooLong
 
 from gateway.bus.events import EventDecodeError, decode_events
-from gateway.directory import Principal
+from gateway.directory import MAX_USERNAME, Principal
 from gateway.errors import LIMIT, PROBLEM_CONTENT_TYPE, GatewayError, HTTPProblem, RequestLevelError
 from gateway.jmap.codec import decode_api_request
+from gateway.logs import ClientMistakes
 from gateway.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from gateway.upstream.base import check_request
 
 if TYPE_CHECKING:
     from gateway.app import Gateway
+    from gateway.config import Settings
 
 log = logging.getLogger(__name__)
 _json = msgspec.json.Encoder()
@@ -101,7 +107,7 @@ async def api(request: web.Request) -> web.Response:
     if len(body) > limit:
         raise RequestLevelError(LIMIT, f"The request is larger than maxSizeRequest ({limit} bytes).",
                                 limit="maxSizeRequest")
-    api_request = decode_api_request(body)
+    api_request = decode_api_request(body, gw.settings.max_json_depth)
     check_request(api_request, gw.supported_capabilities, gw.settings.max_calls_in_request)
     response = await gw.request_path.call(principal, api_request)
     return _json_response(response)
@@ -159,7 +165,9 @@ async def admin_delegation(request: web.Request) -> web.Response:
     _admin(request)
     if gw.front is not None:
         raise HTTPProblem(409, "In front mode accounts and their sharing are the upstream server's.")
-    owner, delegate = request.match_info["owner"], request.match_info["delegate"]
+    # The names as the directory spells them: the same rule as SMTP recipients (Directory.resolve).
+    owner = _user(gw, request.match_info["owner"], "owner")
+    delegate = _user(gw, request.match_info["delegate"], "delegate")
     if owner == delegate:
         raise HTTPProblem(400, "An account cannot be delegated to its owner.")
     if request.method == "PUT":
@@ -168,6 +176,19 @@ async def admin_delegation(request: web.Request) -> web.Response:
     if not gw.directory.revoke(owner, delegate):
         raise HTTPProblem(404, f"{delegate} has no delegation from {owner}.")
     return web.Response(status=204)
+
+
+def _user(gw: Gateway, name: str, role: str) -> str:
+    """The directory username a path segment names (aiohttp has percent-decoded it): 400 when it cannot be a
+    username at all, 404 when it is none of this directory's."""
+    if not name or len(name) > MAX_USERNAME or any(c in name for c in "/\\") or not name.isprintable():
+        raise HTTPProblem(400, f"The {role} is not a username (at most {MAX_USERNAME} printable characters, "
+                               "no slashes).")
+    username = gw.directory.resolve(name)
+    if username is None:
+        # The name is not echoed: it is the client's own input, and this is all the client needs to know.
+        raise HTTPProblem(404, f"The {role} is not a user of this server.")
+    return username
 
 
 async def download(request: web.Request) -> web.StreamResponse:
@@ -218,3 +239,53 @@ def build_app(gw: Gateway) -> web.Application:
     app.router.add_post("/jmap/upload/{account}/", upload)
     app.router.add_get("/jmap/eventsource/", not_implemented)
     return app
+
+
+# --- the connection handler -------------------------------------------------------------------------------
+
+class ProblemRequestHandler(web.RequestHandler):
+    """aiohttp's HTTP/1.1 connection handler, answering what its parser refuses with problem details.
+
+    aiohttp's own answer is text/plain and quotes the offending header line, and it logs that line (a credential,
+    as often as not) at ERROR with a traceback. Here: 431 for a line or a head over GATEWAY_MAX_HEAD_BYTES or too
+    many header fields (RFC 6585 §5), else 400; the client's mistake is logged as one rate-limited line that
+    names the kind of error, never the header. A 500 (the gateway's own fault) stays ERROR with its traceback."""
+
+    def __init__(self, manager: web.Server, *, mistakes: ClientMistakes, **kwargs: Any) -> None:
+        super().__init__(manager, **kwargs)
+        self._mistakes = mistakes
+
+    def handle_error(self, request: Any, status: int = 500, exc: BaseException | None = None,
+                     message: str | None = None) -> web.StreamResponse:
+        if request.writer.output_size > 0:
+            raise ConnectionError("Response is sent already, cannot send another response with the error")
+        if status >= 500:
+            log.error("unhandled error on %s %s", request.method, request.path, exc_info=exc)
+            detail = "Internal server error."
+        else:
+            if isinstance(exc, LineTooLong) or (isinstance(exc, BadHttpMessage) and "Too many headers" in str(exc)):
+                status = 431
+                detail = "The request head has a line that is too long or too many header fields."
+            else:
+                detail = "The request is not valid HTTP/1.1."
+            self._mistakes.report("bad-http-request", "bad HTTP request from %s: %s, answered %d",
+                                  request.remote, type(exc).__name__ if exc else "error", status)
+        response = _problem(status, HTTPProblem(status, detail).body())
+        response.force_close()
+        return response
+
+
+def connection_factory(server: web.Server, settings: Settings,
+                       mistakes: ClientMistakes) -> Callable[[], asyncio.Protocol]:
+    """What the front protocol hands an HTTP connection to: a ProblemRequestHandler of `server`.
+
+    No header line may be longer than the whole head may be (GATEWAY_MAX_HEAD_BYTES): the front protocol checks
+    the head of a connection's first request, aiohttp's parser each line of every request."""
+    loop = asyncio.get_running_loop()
+    limit = settings.max_head_bytes
+
+    def make() -> asyncio.Protocol:
+        return ProblemRequestHandler(server, mistakes=mistakes, loop=loop, access_log=None,
+                                     max_line_size=limit, max_field_size=limit)
+
+    return make

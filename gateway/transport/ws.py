@@ -43,7 +43,7 @@ class Connection(WSListener):
         self.deflate = deflate  # negotiated DeflateParams, or None
         self.transport: WSTransport | None = None
         self.session = JmapSession(gw.supported_capabilities, gw.settings.max_calls_in_request,
-                                   gw.settings.max_concurrent_requests)
+                                   gw.settings.max_concurrent_requests, gw.settings.max_json_depth)
         self.coalescer = gw.coalesce.Coalescer(gw.settings.message_limit, deflate is not None)
         self.target: Any = None
         self.last_seen = 0.0
