@@ -48,6 +48,9 @@ class RequestHead:
         parts = lines[0].split(" ")
         if len(parts) != 3 or not parts[2].startswith("HTTP/1."):
             raise ValueError("malformed request line")
+        if parts[0] == "PRI":
+            # RFC 9113 §3.4: HTTP/2's connection preface; aiohttp's parser would wait for the rest of it forever.
+            raise ValueError("HTTP/2 with prior knowledge is not spoken here")
         self.method, self.target, self.version = parts
         split = urlsplit(self.target)
         self.path = split.path

@@ -221,23 +221,53 @@ async def not_implemented(request: web.Request) -> web.Response:
     raise HTTPProblem(501, "This endpoint is advertised by RFC 8620 but not implemented by this gateway yet.")
 
 
+async def expect(request: web.Request) -> web.StreamResponse | None:
+    """RFC 9110 §10.1.1: `100-continue` is answered as aiohttp does; any other expectation gets a 417 problem
+    (aiohttp's own answer is text/plain, and comes before any middleware)."""
+    if request.headers.get("Expect", "").lower() == "100-continue":
+        if request.version >= (1, 1):
+            await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+            request.writer.output_size = 0
+        return None
+    return _problem(417, HTTPProblem(417, "The only expectation this server meets is 100-continue.").body())
+
+
+async def unrouted(request: web.Request) -> web.Response:
+    """Every path without a route of its own (so that its answers get problem bodies and `expect` too)."""
+    allowed: set[str] = set()
+    for resource in request.app.router.resources():
+        if resource is not request.match_info.route.resource:
+            _, methods = await resource.resolve(request)
+            allowed |= methods
+    if allowed:
+        raise web.HTTPMethodNotAllowed(request.method, allowed)
+    raise web.HTTPNotFound()
+
+
 def build_app(gw: Gateway) -> web.Application:
     app = web.Application(middlewares=[problems], client_max_size=gw.settings.max_size_request + 1)
     app[GATEWAY_KEY] = gw
-    app.router.add_get("/.well-known/jmap", well_known)
-    app.router.add_get("/jmap/session", session)
-    app.router.add_post("/jmap/api", api)
-    app.router.add_post("/jmap/ws/ticket", ticket)
-    app.router.add_get("/jmap/ws", ws_without_upgrade)
-    app.router.add_get("/healthz", healthz)
-    app.router.add_get("/readyz", readyz)
-    app.router.add_get("/metrics", metrics)
-    app.router.add_post("/admin/events", admin_events)
-    app.router.add_route("PUT", "/admin/delegations/{owner}/{delegate}", admin_delegation)
-    app.router.add_route("DELETE", "/admin/delegations/{owner}/{delegate}", admin_delegation)
-    app.router.add_get("/jmap/download/{account}/{blob}/{name}", download)
-    app.router.add_post("/jmap/upload/{account}/", upload)
-    app.router.add_get("/jmap/eventsource/", not_implemented)
+    routes = [
+        ("GET", "/.well-known/jmap", well_known),
+        ("GET", "/jmap/session", session),
+        ("POST", "/jmap/api", api),
+        ("POST", "/jmap/ws/ticket", ticket),
+        ("GET", "/jmap/ws", ws_without_upgrade),
+        ("GET", "/healthz", healthz),
+        ("GET", "/readyz", readyz),
+        ("GET", "/metrics", metrics),
+        ("POST", "/admin/events", admin_events),
+        ("PUT", "/admin/delegations/{owner}/{delegate}", admin_delegation),
+        ("DELETE", "/admin/delegations/{owner}/{delegate}", admin_delegation),
+        ("GET", "/jmap/download/{account}/{blob}/{name}", download),
+        ("POST", "/jmap/upload/{account}/", upload),
+        ("GET", "/jmap/eventsource/", not_implemented),
+        ("*", "/{path:.*}", unrouted),  # last: only what nothing above matched
+    ]
+    for method, path, handler in routes:
+        app.router.add_route(method, path, handler, expect_handler=expect)
+        if method == "GET":
+            app.router.add_route("HEAD", path, handler, expect_handler=expect)  # as add_get() does
     return app
 
 
