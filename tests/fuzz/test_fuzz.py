@@ -550,7 +550,17 @@ def bus_messages(draw: st.DrawFn) -> bytes:
             "mailboxState": hostile_text(20) | scalars, "emailState": hostile_text(20),
         }))
 
-    shape = draw(st.sampled_from(["one", "many", "many", "junk", "bytes", "deep"]))
+    def valid() -> Any:
+        # A well-formed event for a user with sessions (the well-behaved client is Bob's): hostile states and
+        # type names, which reach the fan-out and the push of that client.
+        return {"type": "org.apache.james.jmap.change.StateChangeEvent", "eventId": draw(hostile_text(40)),
+                "username": draw(st.sampled_from([BOB, ALICE])),
+                "typeStates": draw(st.dictionaries(st.sampled_from(["Email", "Mailbox", "EmailDelivery"])
+                                                   | hostile_text(30), hostile_text(200), max_size=6))}
+
+    shape = draw(st.sampled_from(["valid", "valid", "one", "many", "many", "junk", "bytes", "deep"]))
+    if shape == "valid":
+        return encode([valid() for _ in range(draw(st.integers(1, 3)))])
     if shape == "one":
         return encode(event())
     if shape == "many":
