@@ -159,7 +159,7 @@ class Target:
         assert self.examples[name] > 0
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")  # torn down (process stopped, log checked) right after the fuzz targets
 def target(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Target]:
     stderr = tmp_path_factory.mktemp("fuzz") / "gateway.stderr"
     gw = GatewayProcess(stderr, USERS=f"{BOB}:{BOB_PW},{ALICE}:{ALICE_PW}", ADMIN_TOKEN=ADMIN_TOKEN,

@@ -99,3 +99,16 @@ def test_arbitrary_json_never_raises(body: object, tag: str | None) -> None:
         body = {**body, "@type": tag}
     a = make().receive(TEXT, json.dumps(body).encode())
     assert isinstance(a, Reply | Run | EnablePush | DisablePush)
+
+
+def test_nesting_beyond_the_limit_is_not_json_and_nothing_runs() -> None:
+    session = JmapSession(frozenset({CORE, WEBSOCKET}), 4, 2, max_json_depth=8)
+    deep = json.dumps({"@type": "Request", "id": "d", "using": [CORE],
+                       "methodCalls": [["Core/echo", {"x": [[[[[1]]]]]}, "c"]]}).encode()  # 9 levels
+    action = session.receive(TEXT, deep)
+    assert isinstance(action, Reply) and session.in_flight == 0
+    error = json.loads(action.payload)
+    assert error["type"] == "urn:ietf:params:jmap:error:notJSON" and error["requestId"] is None
+    assert isinstance(session.receive(TEXT, deep.replace(b"[[[[[1]]]]]", b"[[[[1]]]]")), Run)
+    # The default limit (64) holds for sessions made without one.
+    assert isinstance(make().receive(TEXT, b"[" * 100_000 + b"]" * 100_000), Reply)
