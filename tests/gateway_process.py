@@ -4,6 +4,7 @@ settings overrides, its port read from the start-up line, its stderr kept in a f
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import os
 import re
 import signal
@@ -16,6 +17,11 @@ from tests.conftest import settings_env
 ROOT = Path(__file__).resolve().parents[1]
 
 
+def _die_with_parent() -> None:
+    # Linux prctl(PR_SET_PDEATHSIG, SIGTERM): a test run that is killed (a timeout) leaves no gateway behind.
+    ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)
+
+
 class GatewayProcess:
     def __init__(self, stderr_path: Path, **overrides: str) -> None:
         env = {**os.environ, **settings_env(), "PYTHONUNBUFFERED": "1", "GATEWAY_LOG_LEVEL": "INFO"}
@@ -23,7 +29,7 @@ class GatewayProcess:
         self.stderr_path = stderr_path
         with open(stderr_path, "wb") as err:
             self.proc = subprocess.Popen([sys.executable, "-m", "gateway"], cwd=ROOT, env=env,
-                                         stdout=subprocess.PIPE, stderr=err)
+                                         stdout=subprocess.PIPE, stderr=err, preexec_fn=_die_with_parent)
         assert self.proc.stdout is not None
         line = self.proc.stdout.readline().decode()  # the start-up line, or end of file when it failed
         found = re.search(r"listening on http://127\.0\.0\.1:(\d+)", line)
