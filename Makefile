@@ -4,7 +4,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: run test lint bench native clean
+.PHONY: run test lint bench native clean fuzz
 
 # The first time (or after pyproject.toml/setup.py changed): pip shows what it installs, ~1-2 minutes.
 $(STAMP): pyproject.toml setup.py
@@ -28,6 +28,12 @@ run: native
 
 test: native
 	$(PY) -m pytest -q $(PYTEST_ARGS)
+
+# The fuzzing suite (tests/fuzz, also part of `make test` with about a minute of fuzzing) for longer:
+# FUZZ_SECONDS of fuzzing in all (default 30 min), counts printed at the end and written to FUZZ_REPORT if set.
+FUZZ_SECONDS ?= 1800
+fuzz: native
+	FUZZ_SECONDS=$(FUZZ_SECONDS) $(PY) -m pytest -q -s tests/fuzz $(PYTEST_ARGS)
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check gateway tests bench

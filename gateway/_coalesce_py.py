@@ -1,12 +1,14 @@
 """WebSocket message coalescer in pure Python: the twin of the compiled gateway._coalesce, same behaviour.
 
 It reassembles fragmented frames into messages, enforces the framing rules of RFC 6455 §5 and RFC 7692 §6.1
-and the size limit, and validates UTF-8 of text messages as it goes. It is not a frame parser; no I/O here.
+and the size limit, and validates UTF-8 of text messages as it goes, and checks the nesting depth of JSON
+before it is parsed. It is not a frame parser; no I/O here.
 """
 
 from __future__ import annotations
 
 import codecs
+import re
 from typing import Final
 
 # RFC 6455 §5.2 opcodes.
@@ -60,6 +62,42 @@ def utf8_valid(data: _Payload) -> bool:
     except UnicodeDecodeError:
         return False
     return True
+
+
+# The bytes json_too_deep() looks at; everything else is skipped at the regex engine's speed.
+_STRUCTURE = re.compile(rb'["\\\[\]{}]')
+
+
+def json_too_deep(data: _Payload, limit: int) -> bool:
+    """Whether JSON text nests arrays/objects deeper than `limit` (RFC 8259 §9 lets a parser limit depth).
+
+    A scan, not a validator: brackets inside strings do not count (a backslash in a string escapes the next
+    byte), closers without an opener are ignored, and anything else is left to the JSON decoder."""
+    raw = data if isinstance(data, bytes) else bytes(data)
+    if raw.count(b"[") + raw.count(b"{") <= limit:
+        return False  # cannot nest deeper than it has openers: the common case, without a scan
+    depth = 0
+    in_string = False
+    escaped_at = -1
+    for match in _STRUCTURE.finditer(raw):
+        i = match.start()
+        if i == escaped_at:
+            continue
+        c = raw[i]
+        if in_string:
+            if c == 0x5C:
+                escaped_at = i + 1
+            elif c == 0x22:
+                in_string = False
+        elif c == 0x22:
+            in_string = True
+        elif c == 0x5B or c == 0x7B:
+            depth += 1
+            if depth > limit:
+                return True
+        elif (c == 0x5D or c == 0x7D) and depth:
+            depth -= 1
+    return False
 
 
 class Coalescer:

@@ -24,10 +24,11 @@ from gateway.deflate import Compression
 from gateway.directory import Directory
 from gateway.errors import ListenError
 from gateway.fanout.hub import FANOUT_BOUNDS, Hub
+from gateway.logs import ClientMistakes, PicowsLog
 from gateway.metrics import Metrics, counter, counters, gauge, histogram
 from gateway.session import Session
 from gateway.transport.front import FrontProtocol, RequestHead, UpgradeHandler
-from gateway.transport.http import HttpServices, build_app
+from gateway.transport.http import HttpServices, build_app, connection_factory
 from gateway.transport.sse import EVENT_SOURCE_PATHS, EventSourceService
 from gateway.transport.ws import UpgradeAuth, WebSocketService, WsConnection
 from gateway.upstream.base import RequestPath, SessionContext
@@ -83,10 +84,14 @@ class Gateway:
                                        min_bytes=settings.deflate_min_bytes, max_size=settings.message_limit)
         self.hub = Hub(self.bus, self.request_path.current_states, self.broadcast,
                        coalesce_ms=settings.push_coalesce_ms, compress=self.compression.compress)
+        # Clients' mistakes are logged once per kind and minute at INFO, never at ERROR (gateway.logs).
+        self.client_mistakes = ClientMistakes(logging.getLogger("gateway.clients"))
         counts = UserCounts()  # GATEWAY_MAX_CONNECTIONS_PER_USER counts WebSockets and event streams together
         self.websockets = WebSocketService(settings, self.auth, self.request_path, self.hub, self.compression,
                                            self.coalesce, self.broadcast, self.metrics, session_class=session_class,
-                                           upgrade_auth=upgrade_auth, counts=counts)
+                                           upgrade_auth=upgrade_auth, counts=counts,
+                                           picows_log=PicowsLog(logging.getLogger("picows.server"),
+                                                                self.client_mistakes))
         self.eventsource = EventSourceService(settings, self.auth, self.hub, self.broadcast, self.metrics, counts,
                                               lambda: self.websockets.wheel)
         role.attach(self.websockets)
@@ -111,11 +116,11 @@ class Gateway:
         self.websockets.start()
         self._runner = web.AppRunner(build_app(self.http), access_log=None, handle_signals=False)
         await self._runner.setup()
-        http_factory = self._runner.server
-        assert http_factory is not None
+        assert self._runner.server is not None
+        http_factory = connection_factory(self._runner.server, self.settings, self.client_mistakes)
         try:
             self._server = await loop.create_server(
-                lambda: FrontProtocol(self.route, http_factory, self.websockets.track),
+                lambda: FrontProtocol(self.route, http_factory, self.websockets.track, self.settings.max_head_bytes),
                 self.settings.host, self.settings.port, reuse_port=self.settings.workers > 1, backlog=4096)
         except OSError as exc:
             raise ListenError("HTTP/WebSocket", self.settings.host, self.settings.port, "GATEWAY_HOST",

@@ -41,7 +41,7 @@ import signal
 import socket
 import sys
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -53,6 +53,7 @@ from gateway import native, preflight
 from gateway.config import ConfigError, Settings, load
 from gateway.errors import GatewayError, ListenError
 from gateway.group import Channel, GroupHub, WorkerLink
+from gateway.logs import install_redaction, settings_secrets
 from gateway.sharing import Sharing
 
 log = logging.getLogger(__name__)
@@ -84,8 +85,10 @@ class JsonLines(JsonFormatter):
         super().add_fields(log_data, record, message_dict)
 
 
-def configure_logging(level: str, tag: str = "", fmt: str = "text", fields: Mapping[str, object] | None = None) -> None:
-    """Log to stderr: `text` lines (with `[tag] ` before the logger name) or `json` lines (with `fields`)."""
+def configure_logging(level: str, tag: str = "", fmt: str = "text", fields: Mapping[str, object] | None = None,
+                      secrets: Iterable[str] = ()) -> None:
+    """Log to stderr: `text` lines (with `[tag] ` before the logger name) or `json` lines (with `fields`); no
+    credential in any line, whoever logs it (gateway.logs)."""
     global _json_logging
     handler = logging.StreamHandler()
     if fmt == "json":
@@ -94,6 +97,7 @@ def configure_logging(level: str, tag: str = "", fmt: str = "text", fields: Mapp
         prefix = f"[{tag}] " if tag else ""
         handler.setFormatter(logging.Formatter(f"%(asctime)s %(levelname)s {prefix}%(name)s: %(message)s"))
     logging.basicConfig(level=level, handlers=[handler])
+    install_redaction(secrets)
     _json_logging = fmt == "json"
     quiet = logging.DEBUG if level == "DEBUG" else max(logging.WARNING, logging.getLevelName(level))
     for name in THIRD_PARTY_LOGGERS:
@@ -433,7 +437,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         tag, fields = "supervisor", {"worker": 0}
     else:
         tag, fields = "", {}
-    configure_logging(settings.log_level, tag, settings.log_format, fields)
+    configure_logging(settings.log_level, tag, settings.log_format, fields, settings_secrets(settings))
     if settings.require_native:
         try:
             native.require_all()

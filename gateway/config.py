@@ -168,6 +168,13 @@ SPECS: tuple[Spec, ...] = (
          "`maxSizeUpload` advertised in the session."),
     Spec("GATEWAY_MAX_CONCURRENT_UPLOAD", "max_concurrent_upload", _int(1, 1000), "4",
          "`maxConcurrentUpload` advertised in the session."),
+    # --- limits on hostile input (README "Limits") ---
+    Spec("GATEWAY_MAX_JSON_DEPTH", "max_json_depth", _int(8, 512), "64",
+         "Deepest nesting of arrays and objects accepted in client JSON (socket messages, `/jmap/api` bodies); "
+         "deeper gets `notJSON` (HTTP 400) before it is parsed. JMAP needs about 20 levels."),
+    Spec("GATEWAY_MAX_HEAD_BYTES", "max_head_bytes", _int(1024, 1 << 20), "16384",
+         "Largest HTTP request head (request line and headers) accepted; larger gets 431 and the connection "
+         "is closed."),
     # --- permessage-deflate (RFC 7692) ---
     Spec("GATEWAY_DEFLATE", "deflate", _bool, "true",
          "Accept permessage-deflate offers (always with server_ and client_no_context_takeover)."),
@@ -273,6 +280,8 @@ class Settings:
     max_objects_in_set: int
     max_size_upload: int
     max_concurrent_upload: int
+    max_json_depth: int
+    max_head_bytes: int
     deflate: bool
     deflate_level: int
     deflate_min_bytes: int

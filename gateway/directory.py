@@ -47,6 +47,12 @@ class Principal(msgspec.Struct, gc=False):
 
 
 DelegationListener = Callable[[str, str, bool], None]
+# RFC 5321 §4.5.3.1.3: a path (an address) is at most 256 octets; no username of ours is longer.
+MAX_USERNAME = 256
+
+
+class UnknownUser(KeyError):
+    """A name that is no user of the directory."""
 
 
 class Delegations(Protocol):
@@ -58,6 +64,9 @@ class Delegations(Protocol):
 
     async def revoke(self, owner: str, delegate: str) -> bool:
         """Take it back; False when there was nothing to take back."""
+
+    def resolve(self, name: str) -> str | None:
+        """The username `name` stands for (Directory.resolve), None when it is no user."""
 
 
 class Directory:
@@ -73,6 +82,19 @@ class Directory:
 
     def exists(self, username: str) -> bool:
         return username in self._passwords
+
+    def resolve(self, name: str) -> str | None:
+        """The username `name` stands for: itself, else the one user equal to it case-insensitively (as mail
+        addresses are, in practice: RFC 5321 §2.4), else None. SMTP recipients and admin names go through here."""
+        if name in self._passwords:
+            return name
+        if len(name) > MAX_USERNAME:
+            return None
+        folded = name.casefold()
+        for username in self._passwords:
+            if username.casefold() == folded:
+                return username
+        return None
 
     def check_password(self, username: str, password: str) -> bool:
         expected = self._passwords.get(username)
@@ -96,7 +118,11 @@ class Directory:
         self._listeners.append(listener)
 
     def grant(self, owner: str, delegate: str) -> bool:
-        """Let `delegate` use `owner`'s account; False when it already could."""
+        """Let `delegate` use `owner`'s account; False when it already could. Both must be users (UnknownUser):
+        grants name accounts that exist, so they cannot pile up for names that do not."""
+        for name in (owner, delegate):
+            if name not in self._passwords:
+                raise UnknownUser(name)
         current = self._delegates.setdefault(owner, set())
         if delegate in current:
             return False

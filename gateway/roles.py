@@ -59,6 +59,9 @@ class UpstreamSharing:
     async def revoke(self, owner: str, delegate: str) -> bool:
         return await self.grant(owner, delegate)
 
+    def resolve(self, name: str) -> str | None:
+        raise HTTPProblem(409, "In front mode accounts and their sharing are the upstream server's.")
+
 
 def front(settings: Settings) -> Role:
     """The upstream JMAP server at GATEWAY_UPSTREAM_URL answers requests and validates credentials."""

@@ -14,7 +14,7 @@ from typing import Any
 
 from gateway.admission import check_request, too_many_in_flight
 from gateway.errors import Close, ProtocolViolation, RequestLevelError, request_error_of
-from gateway.jmap.codec import decode_client, encoder
+from gateway.jmap.codec import DEFAULT_MAX_DEPTH, decode_client, encoder
 from gateway.jmap.types import ApiRequest, ApiResponse, Request, Response, WebSocketPushDisable, WebSocketPushEnable
 
 # RFC 6455 §5.2 opcodes, and the coalescer's answers to a frame.
@@ -96,17 +96,18 @@ PING_NOW = Ping()
 class Limits:
     """What the settings fix for every connection of a process."""
 
-    __slots__ = ("max_calls", "max_concurrent", "ping_interval", "ping_timeout", "slow_max_bytes",
+    __slots__ = ("max_calls", "max_concurrent", "max_depth", "ping_interval", "ping_timeout", "slow_max_bytes",
                  "slow_timeout")
 
     def __init__(self, *, max_calls: int, max_concurrent: int, ping_interval: float, ping_timeout: float,
-                 slow_timeout: float, slow_max_bytes: int) -> None:
+                 slow_timeout: float, slow_max_bytes: int, max_depth: int = DEFAULT_MAX_DEPTH) -> None:
         self.max_calls = max_calls
         self.max_concurrent = max_concurrent
         self.ping_interval = ping_interval  # 0 = no pings
         self.ping_timeout = ping_timeout
         self.slow_timeout = slow_timeout
         self.slow_max_bytes = slow_max_bytes
+        self.max_depth = max_depth  # GATEWAY_MAX_JSON_DEPTH
 
 
 def valid_close_code(code: int) -> bool:
@@ -188,7 +189,7 @@ class Session:
             # RFC 8887 §4.2: JMAP messages are text; DESIGN.md §4: a binary frame closes with 1003.
             return self.close(Close.UNSUPPORTED_DATA, "binary messages are not supported")
         try:
-            message = decode_client(payload)
+            message = decode_client(payload, self._limits.max_depth)
         except RequestLevelError as exc:
             return self._refuse(exc, exc.request_id)
         if isinstance(message, Request):

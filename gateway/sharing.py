@@ -39,6 +39,9 @@ class Sharing:
         # Set in a worker of a process group (gateway.group): tells the other workers, returns once they know.
         self.announce: Announce | None = None
 
+    def resolve(self, name: str) -> str | None:
+        return self._directory.resolve(name)
+
     async def grant(self, owner: str, delegate: str) -> bool:
         return await self._change(owner, delegate, True)
 

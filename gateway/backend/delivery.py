@@ -18,13 +18,7 @@ class UnknownRecipient(GatewayError):
 
 def resolve_recipient(directory: Directory, address: str) -> str | None:
     """The directory username an envelope address delivers to (exact, else case-insensitively), or None."""
-    if directory.exists(address):
-        return address
-    folded = address.casefold()
-    for username in directory.usernames():
-        if username.casefold() == folded:
-            return username
-    return None
+    return directory.resolve(address)
 
 
 class Deliver(Protocol):

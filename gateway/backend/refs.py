@@ -1,7 +1,9 @@
 """RFC 8620 §3.7 result references: an argument `#name` whose value is a ResultReference takes `name`'s value
 from an earlier response of the same request, selected by a JSON Pointer (RFC 6901) that may use `*`.
 
-Pure functions; no I/O here.
+Pure functions; no I/O here. `_walk` recurses once per pointer token but only while the referenced value
+has that member, so its depth is bounded by the response's nesting, itself bounded by GATEWAY_MAX_JSON_DEPTH
+(responses nest no deeper than the requests and stored data they come from).
 """
 
 from __future__ import annotations

@@ -14,6 +14,7 @@ from typing import Any
 
 import msgspec
 
+from gateway import native
 from gateway.errors import GatewayError
 
 STATE_CHANGE_EVENT = "org.apache.james.jmap.change.StateChangeEvent"
@@ -52,6 +53,8 @@ class _WireEvent(msgspec.Struct):
 
 _decoder = msgspec.json.Decoder(_WireEvent | list[_WireEvent])
 _line_decoder = msgspec.json.Decoder(_WireEvent | list[_WireEvent])
+_checks = native.load("_coalesce")  # json_too_deep, compiled when built
+MAX_DEPTH = 16
 _encoder = msgspec.json.Encoder()
 
 
@@ -71,9 +74,12 @@ def _from_wire(w: _WireEvent) -> StateChangeEvent:
 
 def decode_events(body: bytes | bytearray | memoryview) -> list[StateChangeEvent]:
     """Decode one event or an array of events; raise EventDecodeError for anything else."""
+    # Events nest 3 deep; the decoder skips unknown members recursively, so deeper is refused unread.
+    if _checks.json_too_deep(body, MAX_DEPTH):
+        raise EventDecodeError(f"JSON nested deeper than {MAX_DEPTH} levels")
     try:
         decoded: Any = _decoder.decode(body)
-    except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+    except (msgspec.DecodeError, msgspec.ValidationError, RecursionError) as exc:
         raise EventDecodeError(str(exc)) from None
     items = decoded if isinstance(decoded, list) else [decoded]
     return [_from_wire(w) for w in items]
@@ -82,6 +88,8 @@ def decode_events(body: bytes | bytearray | memoryview) -> list[StateChangeEvent
 def decode_event_lines(body: bytes | bytearray | memoryview) -> list[StateChangeEvent]:
     """Decode newline-delimited JSON (NDJSON): each non-blank line one event or an array of them; raise
     EventDecodeError when any line is not."""
+    if _checks.json_too_deep(body, MAX_DEPTH):
+        raise EventDecodeError(f"JSON nested deeper than {MAX_DEPTH} levels")
     try:
         decoded: list[Any] = _line_decoder.decode_lines(body)
     except (msgspec.DecodeError, msgspec.ValidationError) as exc:

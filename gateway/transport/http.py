@@ -2,11 +2,13 @@
 
 Handlers depend on the ports in `HttpServices` (authentication, the request path, the bus, delegations), never on
 the composition root. Every error answer is an RFC 7807 problem body, produced in one middleware by the error
-mapper of gateway.errors.
+mapper of gateway.errors. Requests aiohttp's parser refuses are answered by
+`ProblemRequestHandler` (400, or 431 for an oversized head).
 """
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import logging
 from collections.abc import Callable
@@ -15,15 +17,17 @@ from typing import Any
 
 import msgspec
 from aiohttp import web
+from aiohttp.http_exceptions import BadHttpMessage, LineTooLong
 
 from gateway.admission import UserLimiter, check_request
 from gateway.auth import Authenticator
 from gateway.bus.base import Bus
 from gateway.bus.events import EventDecodeError, StateChangeEvent, decode_event_lines, decode_events
 from gateway.config import Settings
-from gateway.directory import Delegations, Principal
+from gateway.directory import MAX_USERNAME, Delegations, Principal
 from gateway.errors import LIMIT, PROBLEM_CONTENT_TYPE, GatewayError, HTTPProblem, RequestLevelError, problem_of
 from gateway.jmap.codec import decode_api_request
+from gateway.logs import ClientMistakes
 from gateway.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from gateway.metrics import Metrics
 from gateway.transport.front import RequestHead, UpgradeHandler
@@ -129,7 +133,7 @@ async def api(request: web.Request) -> web.Response:
     limit = services.settings.max_size_request
     body = await _body(request, limit, RequestLevelError(
         LIMIT, f"The request is larger than maxSizeRequest ({limit} bytes).", limit="maxSizeRequest"))
-    api_request = decode_api_request(body)
+    api_request = decode_api_request(body, services.settings.max_json_depth)
     path = services.request_path
     check_request(api_request, path.capabilities_for(principal), services.settings.max_calls_in_request)
     with services.limiter.hold(principal.username):
@@ -233,7 +237,9 @@ async def _event_stream(request: web.Request, services: HttpServices) -> web.Res
 
 async def admin_delegation(request: web.Request) -> web.Response:
     services = _admin(request)
-    owner, delegate = request.match_info["owner"], request.match_info["delegate"]
+    # The names as the directory spells them: the same rule as SMTP recipients (Directory.resolve).
+    owner = _user(services, request.match_info["owner"], "owner")
+    delegate = _user(services, request.match_info["delegate"], "delegate")
     if owner == delegate:
         raise HTTPProblem(400, "An account cannot be delegated to its owner.")
     if request.method == "PUT":
@@ -242,6 +248,19 @@ async def admin_delegation(request: web.Request) -> web.Response:
     if not await services.delegations.revoke(owner, delegate):
         raise HTTPProblem(404, f"{delegate} has no delegation from {owner}.")
     return web.Response(status=204)
+
+
+def _user(services: HttpServices, name: str, role: str) -> str:
+    """The directory username a path segment names (aiohttp has percent-decoded it): 400 when it cannot be a
+    username at all, 404 when it is none of this directory's."""
+    if not name or len(name) > MAX_USERNAME or any(c in name for c in "/\\") or not name.isprintable():
+        raise HTTPProblem(400, f"The {role} is not a username (at most {MAX_USERNAME} printable characters, "
+                               "no slashes).")
+    username = services.delegations.resolve(name)
+    if username is None:
+        # The name is not echoed: it is the client's own input, and this is all the client needs to know.
+        raise HTTPProblem(404, f"The {role} is not a user of this server.")
+    return username
 
 
 async def download(request: web.Request) -> web.StreamResponse:
@@ -301,22 +320,101 @@ async def event_source_after_requests(request: web.Request) -> web.StreamRespons
     return web.Response()
 
 
+async def expect(request: web.Request) -> web.StreamResponse | None:
+    """RFC 9110 §10.1.1: `100-continue` is answered as aiohttp does; any other expectation gets a 417 problem
+    (aiohttp's own answer is text/plain, and comes before any middleware)."""
+    if request.headers.get("Expect", "").lower() == "100-continue":
+        if request.version >= (1, 1):
+            await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+            request.writer.output_size = 0
+        return None
+    return _problem_response(HTTPProblem(417, "The only expectation this server meets is 100-continue."))
+
+
+async def unrouted(request: web.Request) -> web.Response:
+    """Every path without a route of its own (so that its answers get problem bodies and `expect` too)."""
+    allowed: set[str] = set()
+    for resource in request.app.router.resources():
+        if resource is not request.match_info.route.resource:
+            _, methods = await resource.resolve(request)
+            allowed |= methods
+    if allowed:
+        raise web.HTTPMethodNotAllowed(request.method, allowed)
+    raise web.HTTPNotFound()
+
+
 def build_app(services: HttpServices) -> web.Application:
     app = web.Application(middlewares=[problems], client_max_size=services.settings.max_size_request + 1)
     app[SERVICES] = services
-    app.router.add_get("/.well-known/jmap", well_known)
-    app.router.add_get("/jmap/session", session)
-    app.router.add_post("/jmap/api", api)
-    app.router.add_post("/jmap/ws/ticket", ticket)
-    app.router.add_get("/jmap/ws", ws_without_upgrade)
-    for path in EVENT_SOURCE_PATHS:
-        app.router.add_get(path, event_source_after_requests)
-    app.router.add_get("/healthz", healthz)
-    app.router.add_get("/readyz", readyz)
-    app.router.add_get("/metrics", metrics)
-    app.router.add_post("/admin/events", admin_events)
-    app.router.add_route("PUT", "/admin/delegations/{owner}/{delegate}", admin_delegation)
-    app.router.add_route("DELETE", "/admin/delegations/{owner}/{delegate}", admin_delegation)
-    app.router.add_get("/jmap/download/{account}/{blob}/{name}", download)
-    app.router.add_post("/jmap/upload/{account}/", upload)
+    routes = [
+        ("GET", "/.well-known/jmap", well_known),
+        ("GET", "/jmap/session", session),
+        ("POST", "/jmap/api", api),
+        ("POST", "/jmap/ws/ticket", ticket),
+        ("GET", "/jmap/ws", ws_without_upgrade),
+        *(("GET", path, event_source_after_requests) for path in sorted(EVENT_SOURCE_PATHS)),
+        ("GET", "/healthz", healthz),
+        ("GET", "/readyz", readyz),
+        ("GET", "/metrics", metrics),
+        ("POST", "/admin/events", admin_events),
+        ("PUT", "/admin/delegations/{owner}/{delegate}", admin_delegation),
+        ("DELETE", "/admin/delegations/{owner}/{delegate}", admin_delegation),
+        ("GET", "/jmap/download/{account}/{blob}/{name}", download),
+        ("POST", "/jmap/upload/{account}/", upload),
+        ("*", "/{path:.*}", unrouted),  # last: only what nothing above matched
+    ]
+    for method, path, handler in routes:
+        app.router.add_route(method, path, handler, expect_handler=expect)
+        if method == "GET":
+            app.router.add_route("HEAD", path, handler, expect_handler=expect)  # as add_get() does
     return app
+
+
+# --- the connection handler -------------------------------------------------------------------------------
+
+class ProblemRequestHandler(web.RequestHandler):
+    """aiohttp's HTTP/1.1 connection handler, answering what its parser refuses with problem details.
+
+    aiohttp's own answer is text/plain and quotes the offending header line, and it logs that line (a credential,
+    as often as not) at ERROR with a traceback. Here: 431 for a line or a head over GATEWAY_MAX_HEAD_BYTES or too
+    many header fields (RFC 6585 §5), else 400; the client's mistake is logged as one rate-limited line that
+    names the kind of error, never the header. A 500 (the gateway's own fault) stays ERROR with its traceback."""
+
+    def __init__(self, manager: web.Server, *, mistakes: ClientMistakes, **kwargs: Any) -> None:
+        super().__init__(manager, **kwargs)
+        self._mistakes = mistakes
+
+    def handle_error(self, request: Any, status: int = 500, exc: BaseException | None = None,
+                     message: str | None = None) -> web.StreamResponse:
+        if request.writer.output_size > 0:
+            raise ConnectionError("Response is sent already, cannot send another response with the error")
+        if status >= 500:
+            log.error("unhandled error on %s %s", request.method, request.path, exc_info=exc)
+            detail = "Internal server error."
+        else:
+            if isinstance(exc, LineTooLong) or (isinstance(exc, BadHttpMessage) and "Too many headers" in str(exc)):
+                status = 431
+                detail = "The request head has a line that is too long or too many header fields."
+            else:
+                detail = "The request is not valid HTTP/1.1."
+            self._mistakes.report("bad-http-request", "bad HTTP request from %s: %s, answered %d",
+                                  request.remote, type(exc).__name__ if exc else "error", status)
+        response = _problem_response(HTTPProblem(status, detail))
+        response.force_close()
+        return response
+
+
+def connection_factory(server: web.Server, settings: Settings,
+                       mistakes: ClientMistakes) -> Callable[[], asyncio.Protocol]:
+    """What the front protocol hands an HTTP connection to: a ProblemRequestHandler of `server`.
+
+    No header line may be longer than the whole head may be (GATEWAY_MAX_HEAD_BYTES): the front protocol checks
+    the head of a connection's first request, aiohttp's parser each line of every request."""
+    loop = asyncio.get_running_loop()
+    limit = settings.max_head_bytes
+
+    def make() -> asyncio.Protocol:
+        return ProblemRequestHandler(server, mistakes=mistakes, loop=loop, access_log=None,
+                                     max_line_size=limit, max_field_size=limit)
+
+    return make

@@ -26,12 +26,13 @@ _LOG = _PicowsLog(logging.getLogger("picows.server"), {})
 
 
 def hand_off(transport: asyncio.Transport, buffered: bytes, listener: WSListener, extra_headers: dict[str, str],
-             max_message: int) -> bool:
+             max_message: int, log: Any = None) -> bool:
     """Give `transport` to picows with `listener`, replaying `buffered` (the head and anything after it).
-    True when picows accepted the upgrade (it answered 101), False when it refused it (it answered 400)."""
+    True when picows accepted the upgrade (it answered 101), False when it refused it (it answered 400). `log` is
+    what picows logs through (a logger-like object; gateway.logs.PicowsLog keeps clients' mistakes out of ERROR)."""
     response = WSUpgradeResponse.create_101_response(extra_headers=extra_headers)
     protocol: Any = WSProtocol(
-        None, None, False, lambda _request: WSUpgradeResponseWithListener(response, listener), _LOG,
+        None, None, False, lambda _request: WSUpgradeResponseWithListener(response, listener), log or _LOG,
         # disconnect_on_exception, no handshake timeout (the whole head is already here), no auto-ping (our timer
         # wheel pings), its idle and reply timeouts, strategy, auto-pong on, frame size limit, no extra headers,
         # read buffer.

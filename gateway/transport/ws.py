@@ -217,7 +217,7 @@ class WebSocketService:
     def __init__(self, settings: Settings, auth: Authenticator, request_path: RequestPath, hub: Hub,
                  compression: Compression, coalesce: ModuleType, broadcast: ModuleType, metrics: Metrics, *,
                  session_class: type[Session] = Session, upgrade_auth: UpgradeAuth | None = None,
-                 counts: UserCounts | None = None) -> None:
+                 counts: UserCounts | None = None, picows_log: Any = None) -> None:
         self.settings = settings
         self.auth = auth
         self.request_path = request_path
@@ -230,9 +230,11 @@ class WebSocketService:
         self._upgrade_auth = upgrade_auth or self._authenticate
         self.limits = Limits(max_calls=settings.max_calls_in_request, max_concurrent=settings.max_concurrent_requests,
                              ping_interval=settings.ping_interval, ping_timeout=settings.ping_timeout,
-                             slow_timeout=settings.slow_client_timeout, slow_max_bytes=settings.slow_client_max_bytes)
+                             slow_timeout=settings.slow_client_timeout, slow_max_bytes=settings.slow_client_max_bytes,
+                             max_depth=settings.max_json_depth)
         self.connections: set[WsConnection] = set()
         self.counts = counts or UserCounts()  # shared with the event streams: one cap per user
+        self._picows_log = picows_log  # what picows logs a peer's protocol errors through
         self._requests: set[asyncio.Task[Any]] = set()
         self._tasks: set[asyncio.Task[Any]] = set()
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -294,7 +296,7 @@ class WebSocketService:
             if agreed is not None:
                 deflate, extra_headers["Sec-WebSocket-Extensions"] = agreed
         conn = WsConnection(self, principal, deflate)
-        accepted = hand_off(transport, buffered, conn, extra_headers, self.settings.message_limit)
+        accepted = hand_off(transport, buffered, conn, extra_headers, self.settings.message_limit, self._picows_log)
         self.metrics.upgrades.labels("ok" if accepted else "invalid").inc()
 
     def new_session(self, principal: Principal, deflate: bool) -> Session:

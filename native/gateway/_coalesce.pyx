@@ -1,6 +1,7 @@
 # cython: language_level=3
 """WebSocket message coalescer, compiled: reassembles fragmented frames into messages, enforces the framing
-rules of RFC 6455 §5 and RFC 7692 §6.1, the size limit, and validates UTF-8 of text messages as it goes.
+rules of RFC 6455 §5 and RFC 7692 §6.1, the size limit, and validates UTF-8 of text messages as it goes. It also
+has the one content check that must run before a message is parsed: the nesting depth of its JSON.
 
 It is not a frame parser (picows parses frames) and does no I/O. Its pure-Python twin with identical behaviour
 is gateway._coalesce_py; tests/unit/test_coalesce.py runs the same tests on both.
@@ -169,6 +170,45 @@ def utf8_valid(data):
     finally:
         PyBuffer_Release(&view)
     return ok
+
+
+def json_too_deep(data, Py_ssize_t limit):
+    """Whether JSON text nests arrays/objects deeper than `limit` (RFC 8259 §9 lets a parser limit depth).
+
+    A scan, not a validator: brackets inside strings do not count (a backslash in a string escapes the next
+    byte), closers without an opener are ignored, and anything else is left to the JSON decoder. It stops at
+    the first bracket past the limit, so hostile input costs at most one pass over the bytes."""
+    cdef Py_buffer view
+    cdef const unsigned char* p
+    cdef Py_ssize_t i, n, depth = 0
+    cdef bint in_string = False, too_deep = False
+    cdef unsigned char c
+    PyObject_GetBuffer(data, &view, PyBUF_SIMPLE)
+    try:
+        p = <const unsigned char*>view.buf
+        n = view.len
+        with nogil:
+            i = 0
+            while i < n:
+                c = p[i]
+                if in_string:
+                    if c == 0x5C:  # backslash: the next byte is escaped
+                        i += 1
+                    elif c == 0x22:
+                        in_string = False
+                elif c == 0x22:
+                    in_string = True
+                elif c == 0x5B or c == 0x7B:
+                    depth += 1
+                    if depth > limit:
+                        too_deep = True
+                        break
+                elif (c == 0x5D or c == 0x7D) and depth > 0:
+                    depth -= 1
+                i += 1
+    finally:
+        PyBuffer_Release(&view)
+    return too_deep
 
 
 @cython.no_gc

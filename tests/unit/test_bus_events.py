@@ -16,6 +16,7 @@ from gateway.bus.events import (
     STATE_CHANGE_EVENT,
     EventDecodeError,
     StateChangeEvent,
+    decode_event_lines,
     decode_events,
     encode_events,
     new_event,
@@ -192,3 +193,15 @@ def test_a_wrongly_typed_required_field_is_poison(event: StateChangeEvent, field
     wire[field] = value
     with pytest.raises(EventDecodeError):
         decode_events(json.dumps(wire).encode())
+
+
+@pytest.mark.parametrize("body", [
+    b'{"k":' * 5000 + b"1" + b"}" * 5000,  # unknown members are skipped recursively: RecursionError before
+    b"[" * 100_000 + b"]" * 100_000,
+    b'{"type":"' + STATE_CHANGE_EVENT.encode() + b'","username":"bob","x":' + b"[" * 3000 + b"]" * 3000 + b"}",
+])
+def test_deep_bodies_are_poison_not_a_crash(body: bytes) -> None:
+    with pytest.raises(EventDecodeError):
+        decode_events(body)
+    with pytest.raises(EventDecodeError):
+        decode_event_lines(body + b"\n")

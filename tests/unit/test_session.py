@@ -284,3 +284,16 @@ def test_replies_to_a_paused_socket_are_bounded(coalesce: ModuleType) -> None:
     closed = s.wrote_reply(1001)
     assert isinstance(closed, CloseWith) and closed.code == 1013
     assert isinstance(s.close(1000, "again"), DisablePush)  # closing twice sends one close frame
+
+
+def test_nesting_beyond_the_limit_is_not_json_and_nothing_runs(coalesce: ModuleType) -> None:
+    s = make(coalesce, max_depth=8)
+    deep = json.dumps({"@type": "Request", "id": "d", "using": [CORE],
+                       "methodCalls": [["Core/echo", {"x": [[[[[1]]]]]}, "c"]]}).encode()  # 9 levels
+    action = text(s, deep)
+    assert isinstance(action, Reply) and s.in_flight == 0
+    error = json.loads(action.payload)
+    assert error["type"] == "urn:ietf:params:jmap:error:notJSON" and error["requestId"] is None
+    assert isinstance(text(s, deep.replace(b"[[[[[1]]]]]", b"[[[[1]]]]")), Run)
+    # The default limit (64) holds for sessions made without one.
+    assert isinstance(text(make(coalesce), b"[" * 4000 + b"]" * 4000), Reply)
