@@ -170,7 +170,8 @@ class AmqpConnection(asyncio.Protocol):
             return
         self._closing = True
         try:
-            await self._rpc(0, commands.Connection.Close(reply_code=200, reply_text="bye"))
+            await self._rpc(0, commands.Connection.Close(reply_code=200, reply_text="bye", class_id=0,
+                                                         method_id=0))
         finally:
             self.abort()
 
@@ -297,7 +298,8 @@ class AmqpConnection(asyncio.Protocol):
         self._fail(exc)
         if self._transport is not None and not self._closing:
             self._closing = True
-            self._send(0, commands.Connection.Close(reply_code=541, reply_text="INTERNAL_ERROR"))
+            self._send(0, commands.Connection.Close(reply_code=541, reply_text="INTERNAL_ERROR", class_id=0,
+                                                    method_id=0))
             self._transport.close()
 
     def _fail(self, exc: BaseException) -> None:

@@ -102,7 +102,7 @@ class FrameParser:
         pos = 0
         end = len(data)
         head = _HEAD.unpack_from
-        while end - pos >= 8:
+        while end - pos >= 7:  # a frame header is 7 bytes; its end octet follows the payload
             ftype, channel, size = head(data, pos)
             stop = pos + 7 + size  # index of the frame-end octet
             if stop >= end:

@@ -119,10 +119,13 @@ def free_port() -> int:
 
 
 class SeverableProxy:
-    """A TCP relay between a client and the broker that can cut every connection and refuse new ones.
+    """A TCP relay between a client and the broker that can cut every connection and refuse new ones, and hold
+    back what the broker sends.
 
     `sever()` aborts both sides of every relayed connection (the broker sees its client vanish and drops the
-    exclusive queue) and closes new connections at once until `restore()`.
+    exclusive queue) and closes new connections at once until `restore()`. `hold()` keeps every byte from the
+    broker in the proxy (`held()` shows them) until `release()` writes them to the client in one write, so
+    that the client reads many deliveries at once; `sever()` while holding drops them.
     """
 
     def __init__(self, target_host: str, target_port: int) -> None:
@@ -132,6 +135,8 @@ class SeverableProxy:
         self._tasks: set[asyncio.Task[None]] = set()
         self.refusing = False
         self.port = 0
+        self._holding = False
+        self._held: list[tuple[asyncio.StreamWriter, bytearray]] = []
 
     @classmethod
     def to_broker(cls) -> SeverableProxy:
@@ -156,14 +161,22 @@ class SeverableProxy:
             _abort(writer)
             return
         self._writers.update((writer, up_writer))
-        for src, dst in ((reader, up_writer), (up_reader, writer)):
-            task = asyncio.create_task(self._pipe(src, dst))
+        for src, dst, from_broker in ((reader, up_writer, False), (up_reader, writer, True)):
+            task = asyncio.create_task(self._pipe(src, dst, from_broker))
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
 
-    async def _pipe(self, src: asyncio.StreamReader, dst: asyncio.StreamWriter) -> None:
+    async def _pipe(self, src: asyncio.StreamReader, dst: asyncio.StreamWriter, from_broker: bool) -> None:
         try:
             while data := await src.read(65536):
+                if from_broker and self._holding:
+                    for held_dst, buf in self._held:
+                        if held_dst is dst:
+                            buf += data
+                            break
+                    else:
+                        self._held.append((dst, bytearray(data)))
+                    continue
                 dst.write(data)
                 await dst.drain()
         except (OSError, asyncio.IncompleteReadError):
@@ -172,7 +185,23 @@ class SeverableProxy:
             _abort(dst)
             self._writers.discard(dst)
 
+    def hold(self) -> None:
+        self._holding = True
+
+    def held(self) -> bytes:
+        """Everything held back so far, of every connection."""
+        return b"".join(bytes(buf) for _, buf in self._held)
+
+    def release(self) -> None:
+        self._holding = False
+        held, self._held = self._held, []
+        for dst, buf in held:
+            if not dst.is_closing():  # its connection may have gone meanwhile
+                dst.write(bytes(buf))
+
     def sever(self) -> None:
+        self._holding = False
+        self._held.clear()
         self.refusing = True
         for writer in list(self._writers):
             _abort(writer)
