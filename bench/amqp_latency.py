@@ -351,14 +351,16 @@ class Result:
 
 
 class GatewayUnderTest:
-    def __init__(self, bus: str, exchange: str, amqp_url: str, cpu: int | None) -> None:
+    def __init__(self, bus: str, exchange: str, amqp_url: str, cpu: int | None, root: str = ROOT) -> None:
         self.bus = bus
         env = {**os.environ, "GATEWAY_PORT": "0", "GATEWAY_BUS": bus, "GATEWAY_AMQP_EXCHANGE": exchange,
                "GATEWAY_AMQP_URL": amqp_url, "GATEWAY_JWT_SECRET": SECRET, "GATEWAY_ADMIN_TOKEN": ADMIN,
                "GATEWAY_DB": ":memory:", "GATEWAY_SMTP_PORT": "0", "GATEWAY_LOG_LEVEL": "WARNING",
                "GATEWAY_PING_INTERVAL": "0", "GATEWAY_MAX_SIZE_REQUEST": "10000000"}
         # Its own session: a Ctrl-C reaches only this script, which then stops the gateway in order.
-        self.proc = subprocess.Popen([sys.executable, "-m", "gateway"], cwd=ROOT, env=env, stdout=subprocess.PIPE,
+        # `-m` puts the working directory first on sys.path: `root` may be another tree of the gateway (e.g. an
+        # older commit, with the native modules built) to compare with.
+        self.proc = subprocess.Popen([sys.executable, "-m", "gateway"], cwd=root, env=env, stdout=subprocess.PIPE,
                                      text=True, start_new_session=True)
         if cpu is not None:
             os.sched_setaffinity(self.proc.pid, {cpu})
@@ -513,7 +515,7 @@ async def measure(path: str, publisher: Publisher, clients: Clients, gateway: in
 
 async def run_bus(bus: str, args: argparse.Namespace, cpus: tuple[int | None, int | None]) -> list[Result]:
     exchange = f"bench-{uuid.uuid4().hex[:12]}"
-    gateway = GatewayUnderTest(bus, exchange, args.amqp_url, cpus[0])
+    gateway = GatewayUnderTest(bus, exchange, args.amqp_url, cpus[0], args.gateway_root)
     clients: Clients | None = None
     results: list[Result] = []
     try:
@@ -588,6 +590,7 @@ def main() -> int:
     parser.add_argument("--amqp-url", default=os.environ.get("GATEWAY_AMQP_URL",
                                                              "amqp://guest:guest@127.0.0.1:5672/"))
     parser.add_argument("--no-pin", action="store_true", help="let the scheduler place every process")
+    parser.add_argument("--gateway-root", default=ROOT, help="run `python -m gateway` from this tree")
     parser.add_argument("--json", help="also write the results to this file")
     args = parser.parse_args()
     args.rates = [int(r) for r in args.rates.split(",") if r]
