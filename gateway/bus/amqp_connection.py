@@ -76,13 +76,15 @@ class AmqpConnection(asyncio.Protocol):
         """Open a TCP (amqps: TLS) connection and run the handshake (§2.2.4); bound it with asyncio.timeout.
 
         The URL gives host, port, user, password and virtual host (`amqp://user:pass@host:5672/vhost`; a
-        path of `/` or none is the default `/`). Raises OSError or AmqpError.
+        path of `/` or none is the default `/`). With `amqps` the query may name `cafile`, `certfile` and
+        `keyfile` (a client certificate), or set `no_verify_ssl=1`, as aio-pika's URLs do. Raises OSError or
+        AmqpError.
         """
         parsed = URL(url)
         tls = parsed.scheme == "amqps"
         host = parsed.host or "127.0.0.1"
         port = parsed.port or (5671 if tls else 5672)
-        context = ssl.create_default_context() if tls else None
+        context = _tls_context(parsed) if tls else None
         loop = asyncio.get_running_loop()
         _, conn = await loop.create_connection(lambda: cls(on_deliveries, on_lost), host, port, ssl=context,
                                                server_hostname=host if tls else None)
@@ -334,6 +336,17 @@ class AmqpConnection(asyncio.Protocol):
             self._last_reads = self._reads
         self._write(wire.HEARTBEAT)
         self._timer = self._loop.call_later(self._heartbeat / 2, self._tick)
+
+
+def _tls_context(url: URL) -> ssl.SSLContext:
+    query = url.query
+    context = ssl.create_default_context(cafile=query.get("cafile"))
+    if query.get("no_verify_ssl", "0") not in ("0", "false", ""):
+        context.check_hostname = False
+        context.verify_mode = ssl.CERT_NONE
+    if query.get("certfile"):
+        context.load_cert_chain(query["certfile"], query.get("keyfile"))
+    return context
 
 
 def _retrieve(fut: asyncio.Future[Any]) -> None:

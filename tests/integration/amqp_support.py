@@ -243,6 +243,73 @@ class SilentServer:
             await self._server.wait_closed()
 
 
+class TlsRelay:
+    """A TLS server in front of the broker's plain port (what a broker with a TLS listener looks like to a
+    client), with a throwaway self-signed certificate for 127.0.0.1 written to `cafile`."""
+
+    def __init__(self, cafile: str) -> None:
+        self.cafile = cafile
+        self._server: asyncio.Server | None = None
+        self._writers: list[asyncio.StreamWriter] = []
+        self.port = 0
+
+    async def start(self) -> None:
+        import datetime
+        import ipaddress
+        import ssl
+
+        from cryptography import x509
+        from cryptography.hazmat.primitives import hashes, serialization
+        from cryptography.hazmat.primitives.asymmetric import ec
+        from cryptography.x509.oid import NameOID
+
+        key = ec.generate_private_key(ec.SECP256R1())
+        name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")])
+        now = datetime.datetime.now(datetime.UTC)
+        cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
+                .serial_number(x509.random_serial_number()).not_valid_before(now - datetime.timedelta(minutes=5))
+                .not_valid_after(now + datetime.timedelta(hours=1))
+                .add_extension(x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
+                               critical=False)
+                .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+                .sign(key, hashes.SHA256()))
+        pem = cert.public_bytes(serialization.Encoding.PEM)
+        with open(self.cafile, "wb") as fh:
+            fh.write(pem)
+        keyfile = self.cafile + ".key"
+        with open(keyfile, "wb") as fh:
+            fh.write(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                       serialization.NoEncryption()))
+        context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        context.load_cert_chain(self.cafile, keyfile)
+        self._server = await asyncio.start_server(self._on_client, "127.0.0.1", 0, ssl=context)
+        self.port = self._server.sockets[0].getsockname()[1]
+
+    def url(self, query: str) -> str:
+        return str(URL(BROKER_URL).with_scheme("amqps").with_host("127.0.0.1").with_port(self.port)) + query
+
+    async def _on_client(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        url = URL(BROKER_URL)
+        up_reader, up_writer = await asyncio.open_connection(url.host or "127.0.0.1", url.port or 5672)
+        self._writers += [writer, up_writer]
+
+        async def pipe(src: asyncio.StreamReader, dst: asyncio.StreamWriter) -> None:
+            with contextlib.suppress(OSError, ConnectionError):
+                while data := await src.read(65536):
+                    dst.write(data)
+                    await dst.drain()
+            _abort(dst)
+
+        await asyncio.gather(pipe(reader, up_writer), pipe(up_reader, writer))
+
+    async def close(self) -> None:
+        for writer in self._writers:
+            _abort(writer)
+        if self._server is not None:
+            self._server.close()
+            await self._server.wait_closed()
+
+
 def _abort(writer: asyncio.StreamWriter) -> None:
     with contextlib.suppress(Exception):
         writer.transport.abort()

@@ -20,6 +20,7 @@ from aio_pika.abc import AbstractIncomingMessage, AbstractRobustConnection
 from amqp_support import (
     SeverableProxy,
     SilentServer,
+    TlsRelay,
     bindings_of,
     connection_names,
     eventually,
@@ -584,6 +585,26 @@ async def test_a_broker_gone_silent_is_noticed_by_missed_heartbeats(make_bus: Bu
     finally:
         await bus.stop()
         await proxy.close()
+
+
+async def test_amqps_verifies_the_broker_with_the_cafile_of_the_url(make_bus: BusFactory, james: James,
+                                                                    tmp_path: Any) -> None:
+    relay = TlsRelay(str(tmp_path / "ca.pem"))
+    await relay.start()
+    try:
+        # Not trusted by default: the certificate is self-signed.
+        with pytest.raises(BusUnavailableError, match="CERTIFICATE_VERIFY_FAILED"):
+            await make_bus(url=relay.url(""), start_timeout=5)
+        bus, rec = await make_bus(url=relay.url(f"?cafile={relay.cafile}"), subscribe=[BOB])
+        await bound(bus, BOB)
+        event = await james.publish(BOB, {"Email": "over tls"})
+        await rec.until_event(event)
+        insecure, _ = await make_bus(url=relay.url("?no_verify_ssl=1"))
+        assert insecure.ready
+        for node in (bus, insecure):
+            await node.stop()  # while the relay still carries their connections
+    finally:
+        await relay.close()
 
 
 async def test_start_fails_fast_when_nothing_listens(make_bus: BusFactory) -> None:
