@@ -30,6 +30,7 @@ from amqp_support import (
     require_broker,
     require_rabbitmqctl,
 )
+from yarl import URL
 
 from gateway.bus.amqp import AmqpBus, BusUnavailableError, routing_key
 from gateway.bus.events import STATE_CHANGE_EVENT, StateChangeEvent, new_event
@@ -614,6 +615,17 @@ async def test_start_fails_fast_when_nothing_listens(make_bus: BusFactory) -> No
         await make_bus(url=url, start_timeout=5)
     assert time.monotonic() - started < 5
     assert "secret" not in str(info.value)
+
+
+async def test_start_fails_with_the_brokers_reason_for_bad_credentials_or_vhost(make_bus: BusFactory,
+                                                                              broker_url: str) -> None:
+    wrong_password = str(URL(broker_url).with_password("not-the-password"))
+    with pytest.raises(BusUnavailableError, match="ACCESS_REFUSED") as info:
+        await make_bus(url=wrong_password, start_timeout=5)
+    assert "not-the-password" not in str(info.value)
+    no_such_vhost = str(URL(broker_url).with_path("/no-such-vhost"))
+    with pytest.raises(BusUnavailableError, match="no-such-vhost"):
+        await make_bus(url=no_such_vhost, start_timeout=5)
 
 
 async def test_start_gives_up_after_the_timeout_when_the_broker_hangs(make_bus: BusFactory) -> None:
