@@ -69,8 +69,10 @@ def broker_pid() -> int | None:
     """The RabbitMQ Erlang VM, to report its CPU next to the gateway's (None if not on this machine)."""
     for entry in os.listdir("/proc"):
         if entry.isdigit():
-            with contextlib.suppress(OSError), open(f"/proc/{entry}/comm") as fh:
-                if fh.read().strip() == "beam.smp":
+            with contextlib.suppress(OSError), open(f"/proc/{entry}/cmdline", "rb") as fh:
+                # The server's VM boots the `rabbit` application; rabbitmqctl runs a beam.smp of its own.
+                argv = fh.read().split(b"\0")
+                if argv[0].endswith(b"beam.smp") and b"rabbit" in argv and b"boot" in argv:
                     return int(entry)
     return None
 
@@ -147,6 +149,12 @@ async def _client(pipe: Connection, port: int, first: int, count: int) -> None:
         elif command == "count":
             since, until = args
             pipe.send(("count", sum(1 for s in stamps if since <= s < until)))
+        elif command == "wait":
+            target, timeout = args
+            deadline = time.monotonic() + timeout
+            while len(stamps) < target and time.monotonic() < deadline:
+                await asyncio.sleep(0.005)
+            pipe.send(("waited", len(stamps), max(receipts) if receipts else 0))
         elif command == "collect":
             since, until = args
             lat = array.array("q", (r - s for s, r in zip(stamps, receipts, strict=True) if since <= s < until))
@@ -232,6 +240,7 @@ class JamesPublisher:
         await self.conn.open_channel(1)
         await self.conn.rpc(1, commands.Exchange.Declare(exchange=self.exchange, exchange_type="direct",
                                                          durable=True))
+        await self.conn.open_channel(2, confirms=True)  # for bursts: confirmed = in the node's queue
         self.frame_max = self.conn.frame_max
 
     def send(self, events: list[bytes], users: list[int]) -> None:
@@ -240,6 +249,17 @@ class JamesPublisher:
             self.wire.publish(1, exchange, b"AccountIdRegistrationKey:" + username(i).encode(), self.props, body,
                               self.frame_max)
             for i, body in zip(users, events, strict=True)))
+
+    async def burst(self, sessions: int, seq: int, count: int) -> None:
+        """Publish `count` events round robin over the users as fast as the broker confirms them."""
+        exchange = self.exchange.encode()
+        for first in range(seq, seq + count, 1000):
+            stamp = time.monotonic_ns()
+            messages = [
+                self.wire.publish(2, exchange, b"AccountIdRegistrationKey:" + username(s % sessions).encode(),
+                                  self.props, event_json(s % sessions, stamp, s), self.frame_max)
+                for s in range(first, min(seq + count, first + 1000))]
+            await asyncio.gather(*self.conn.publish(2, messages))
 
     async def close(self) -> None:
         if self.conn is not None:
@@ -273,6 +293,11 @@ async def _publisher(pipe: Connection, kind: str, port: int, url: str, exchange:
             await publisher.close()
             pipe.send(("closed",))
             return
+        if command == "burst":
+            assert isinstance(publisher, JamesPublisher)
+            await publisher.burst(*args)
+            pipe.send(("burst",))
+            continue
         start, window, end, rate, sessions, seq = args
         sent = in_window = 0
         while (now := time.monotonic_ns()) < start:
@@ -318,6 +343,10 @@ class Publisher:
 
     def start(self, start: int, window: int, end: int, rate: int, sessions: int, seq: int) -> None:
         self.pipe.send(("run", start, window, end, rate, sessions, seq))
+
+    def burst(self, sessions: int, seq: int, count: int, timeout: float = 300) -> None:
+        self.pipe.send(("burst", sessions, seq, count))
+        self._answer("burst", timeout)
 
     def result(self, timeout: float) -> tuple[int, int, int]:
         _, sent, in_window, seq = self._answer("ran", timeout)
@@ -513,6 +542,64 @@ async def measure(path: str, publisher: Publisher, clients: Clients, gateway: in
     return result, seq
 
 
+@dataclass
+class Drain:
+    """A backlog in the node's queue, consumed at the node's own pace."""
+
+    events: int
+    seconds: float = 0.0
+    delivered: int = 0
+    gateway_cpu: float = 0.0  # CPU seconds
+    broker_cpu: float | None = None
+
+
+async def measure_drain(publisher: Publisher, clients: Clients, gateway: GatewayUnderTest, sessions: int,
+                        events: int, seq: int) -> tuple[Drain, int]:
+    """Stop the gateway (SIGSTOP), let James put `events` in its queue (publisher confirms), let it go
+    (SIGCONT) and time it until every session has its pushes: how many events/s one node on one core takes
+    when the broker is not what limits the rate. Latency is not measured (the events waited on purpose)."""
+    result = Drain(events)
+    clients.ask("reset")
+    share = -(-sessions // len(clients.pipes))
+    expected = [0] * len(clients.pipes)
+    for s in range(seq, seq + events):
+        expected[(s % sessions) // share] += 1
+    beam = broker_pid()
+    os.kill(gateway.proc.pid, signal.SIGSTOP)
+    try:
+        publisher.burst(sessions, seq, events)
+    finally:
+        cpu0 = cpu_seconds(gateway.proc.pid)
+        b0 = cpu_seconds(beam) if beam else 0.0
+        start = time.monotonic_ns()
+        os.kill(gateway.proc.pid, signal.SIGCONT)
+    for pipe, want in zip(clients.pipes, expected, strict=True):
+        pipe.send(("wait", want, 120.0))
+    last = 0
+    for pipe in clients.pipes:
+        if not pipe.poll(130):
+            raise TimeoutError("a client process did not answer 'wait'")
+        _, got, last_receipt = pipe.recv()
+        result.delivered += got
+        last = max(last, last_receipt)
+    result.seconds = (last - start) / 1e9
+    result.gateway_cpu = cpu_seconds(gateway.proc.pid) - cpu0
+    result.broker_cpu = cpu_seconds(beam) - b0 if beam else None
+    return result, seq + events
+
+
+def drain_row(d: Drain) -> str:
+    rate = d.delivered / d.seconds if d.seconds > 0 else 0.0
+    broker = (f"{d.broker_cpu / d.seconds:.0%} ({d.broker_cpu / d.events * 1e6:,.1f} µs/event)"
+              if d.broker_cpu is not None else "-")
+    return (f"| {d.events:,} | {d.delivered / d.events:.2%} | {d.seconds:.2f} | {rate:,.0f} "
+            f"| {d.gateway_cpu / d.seconds:.0%} | {d.gateway_cpu / d.events * 1e6:,.1f} | {broker} |")
+
+
+DRAIN_HEADER = ("| backlog events | delivered | seconds | events/s | gateway CPU | gateway µs/event "
+                "| broker CPU (µs/event) |\n|---|---|---|---|---|---|---|")
+
+
 async def run_bus(bus: str, args: argparse.Namespace, cpus: tuple[int | None, int | None]) -> list[Result]:
     exchange = f"bench-{uuid.uuid4().hex[:12]}"
     gateway = GatewayUnderTest(bus, exchange, args.amqp_url, cpus[0], args.gateway_root)
@@ -543,6 +630,15 @@ async def run_bus(bus: str, args: argparse.Namespace, cpus: tuple[int | None, in
                         break
             finally:
                 publisher.close()
+        if bus == "amqp" and "james" in args.paths and args.drain:
+            publisher = Publisher("james", gateway.port, args.amqp_url, exchange, cpus[1])
+            try:
+                for _ in range(args.drain_runs):
+                    drained, seq = await measure_drain(publisher, clients, gateway, args.sessions, args.drain, seq)
+                    DRAINS.append(drained)
+                    print(f"[amqp/james backlog] {drain_row(drained)}", flush=True)
+            finally:
+                publisher.close()
     finally:
         if clients is not None:
             clients.close()
@@ -562,6 +658,7 @@ async def delete_exchange(url: str, name: str) -> None:
             await channel.exchange_delete(name)
 
 
+DRAINS: list[Drain] = []
 HEADER = ("| path | target ev/s | achieved ev/s | delivered | p50 µs | p90 µs | p99 µs | p99.9 µs | max µs "
           "| gateway CPU | gateway µs/event | broker CPU | broker µs/event | kept up |\n"
           "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
@@ -589,6 +686,9 @@ def main() -> int:
     parser.add_argument("--paths", default="admin,james", help="admin (POST /admin/events), james (the exchange)")
     parser.add_argument("--amqp-url", default=os.environ.get("GATEWAY_AMQP_URL",
                                                              "amqp://guest:guest@127.0.0.1:5672/"))
+    parser.add_argument("--drain", type=int, default=0,
+                        help="also time the node draining a backlog of this many James events (0 = no)")
+    parser.add_argument("--drain-runs", type=int, default=3)
     parser.add_argument("--no-pin", action="store_true", help="let the scheduler place every process")
     parser.add_argument("--gateway-root", default=ROOT, help="run `python -m gateway` from this tree")
     parser.add_argument("--json", help="also write the results to this file")
@@ -614,9 +714,15 @@ def main() -> int:
     print(HEADER)
     for r in results:
         print(row(r))
+    if DRAINS:
+        print()
+        print(DRAIN_HEADER)
+        for d in DRAINS:
+            print(drain_row(d))
     if args.json:
         with open(args.json, "w") as fh:
-            json.dump([r.__dict__ for r in results], fh, indent=2)
+            json.dump({"rates": [r.__dict__ for r in results], "drains": [d.__dict__ for d in DRAINS]}, fh,
+                      indent=2)
     return 0
 
 

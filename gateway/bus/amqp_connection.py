@@ -224,8 +224,9 @@ class AmqpConnection(asyncio.Protocol):
             raise AmqpError("not connected")
 
     def _write(self, data: bytes) -> None:
-        if self._transport is not None:
-            self._transport.write(data)
+        transport = self._transport
+        if transport is not None and not transport.is_closing():  # uvloop raises on a closed handle
+            transport.write(data)
 
     def _send(self, channel: int, value: Frame) -> None:
         self._write(wire.method(channel, value))
