@@ -14,9 +14,10 @@ Decisions (how this adapter keeps the contract of `gateway.bus.base`):
   stop() deletes it either way.
 - One connection per node, our own (gateway/bus/amqp_connection.py on pamqp's codec), not aio-pika's: the
   consume path is per message, and aiormq's frame reader (three awaits, a lock and two queues per frame) plus a
-  task per delivery cost 100-250 µs a message (bench/README.md, "RabbitMQ bus"). An exclusive queue can only be
-  bound and consumed by the connection that declared it, so bindings, consumption and publishing share it,
-  on three channels (control, publishing with confirms, consuming), so that each failure is reported on its own.
+  task per delivery cost 110-270 µs a message, ours ~6 µs (bench/README.md, "RabbitMQ bus"). An exclusive
+  queue can only be bound and consumed by the connection that declared it, so bindings, consumption and
+  publishing share it, on three channels (control, publishing with confirms, consuming). A channel error ends
+  the connection (see below), so the separation is about what each channel waits for, not about failures.
 - Consumption at batch granularity: every delivery one socket read completed is decoded (msgspec, straight
   into the hub's Struct), handed to the handler as ONE call in delivery order, and settled with one write:
   `basic.reject` (no requeue) for each poison message, then one `basic.ack` with `multiple` on the highest
@@ -218,7 +219,7 @@ class AmqpBus:
             conn.abort()
         self._online = False
         self._started = False
-        self._conn = None
+        self._conn = self._token = None
         self._consumer_tag = None
         self._bound.clear()
         self._uncertain.clear()
