@@ -271,14 +271,16 @@ async def test_a_batch_is_one_handler_call_and_poison_in_it_is_rejected(
         # the node reads all of them at once.
         proxy.hold()
         expected = []
+        body = b""
         for n, kind in enumerate(plan):
+            body = _good(n) if kind == "g" else b"poison %d" % n
+            await james.publish_raw(BOB, body)
             if kind == "g":
-                await james.publish_raw(BOB, _good(n))
                 expected.append(f"good-{n}")
-            else:
-                await james.publish_raw(BOB, b"poison %d" % n)
-        key = routing_key(BOB).encode()  # once per basic.deliver frame
-        await eventually(lambda: proxy.held().count(key) == len(plan), what="every delivery in the proxy")
+        # The last body frame complete (its frame-end octet included) means every frame before it is there.
+        last_frame_end = body + b"\xce"
+        await eventually(lambda: last_frame_end in proxy.held(), what="every delivery in the proxy")
+        assert proxy.held().count(routing_key(BOB).encode()) == len(plan)  # once per basic.deliver
         proxy.release()
         await eventually(lambda: bus.received_messages == len(plan), what="every message consumed")
         # One read, one handler call, the good events in publish order, the poison ones not among them.
