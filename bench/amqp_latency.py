@@ -6,14 +6,16 @@ Three paths, the same sessions and clients:
 - amqp/admin:   `POST /admin/events` to a gateway on GATEWAY_BUS=amqp (publish with confirms to the broker, which
   routes it back to the node's queue, consumed and pushed). amqp/admin minus memory/admin is the broker hop;
 - amqp/james:   events published straight to the exchange as Apache James does (one message per event,
-  `eventBusId` header, text/plain), consumed and pushed by the amqp gateway.
+  `eventBusId` header, text/plain, persistent), consumed and pushed by the amqp gateway.
 
 Not a test and never part of the normal test run (plain script; `make bench` only collects `test_*.py`). The
 gateway runs alone in its own process (`python -m gateway`, pinned to CPU 0 when there are two or more); the
 sessions live in several client processes (picows clients, CPU 1), each session a different user (JWT), so an
-event is one push. Every event carries its publish time in its state (`t<CLOCK_MONOTONIC ns>-<seq>`; one clock
-for every process of the machine); clients record receipt minus publish, the parent merges the samples into
-HdrHistograms. Loops are bounded, everything listens on loopback, and everything started is stopped.
+event is one push; the publisher is a process of its own (CPU 1). Every event carries its publish time in its
+state (`t<CLOCK_MONOTONIC ns>-<seq>`; one clock for every process of the machine); clients record receipt minus
+publish, the parent merges the samples into HdrHistograms. Per rate it also reports the CPU time the gateway and
+the broker (RabbitMQ's Erlang VM, when it runs here) used per event published in the measured window. Loops are
+bounded, everything listens on loopback, and everything started is stopped.
 Figures and how to read them: bench/README.md, "RabbitMQ bus".
 
     .venv/bin/python bench/amqp_latency.py --sessions 10000 --rates 1000,10000 --seconds 10
@@ -67,8 +69,10 @@ def broker_pid() -> int | None:
     """The RabbitMQ Erlang VM, to report its CPU next to the gateway's (None if not on this machine)."""
     for entry in os.listdir("/proc"):
         if entry.isdigit():
-            with contextlib.suppress(OSError), open(f"/proc/{entry}/comm") as fh:
-                if fh.read().strip() == "beam.smp":
+            with contextlib.suppress(OSError), open(f"/proc/{entry}/cmdline", "rb") as fh:
+                # The server's VM boots the `rabbit` application; rabbitmqctl runs a beam.smp of its own.
+                argv = fh.read().split(b"\0")
+                if argv[0].endswith(b"beam.smp") and b"rabbit" in argv and b"boot" in argv:
                     return int(entry)
     return None
 
@@ -145,6 +149,12 @@ async def _client(pipe: Connection, port: int, first: int, count: int) -> None:
         elif command == "count":
             since, until = args
             pipe.send(("count", sum(1 for s in stamps if since <= s < until)))
+        elif command == "wait":
+            target, timeout = args
+            deadline = time.monotonic() + timeout
+            while len(stamps) < target and time.monotonic() < deadline:
+                await asyncio.sleep(0.005)
+            pipe.send(("waited", len(stamps), max(receipts) if receipts else 0))
         elif command == "collect":
             since, until = args
             lat = array.array("q", (r - s for s, r in zip(stamps, receipts, strict=True) if since <= s < until))
@@ -157,11 +167,12 @@ async def _client(pipe: Connection, port: int, first: int, count: int) -> None:
             return
 
 
-# --- publishers ------------------------------------------------------------------------------------------
+# --- publishers (a process of their own) ------------------------------------------------------------------
 
-def event(i: int, stamp: int, seq: int) -> dict[str, Any]:
-    return {"type": EVENT_TYPE, "eventId": f"e{seq}", "username": username(i),
-            "typeStates": {"Email": f"t{stamp}-{seq}"}}
+def event_json(i: int, stamp: int, seq: int) -> bytes:
+    """James's StateChangeEvent for user i, its Email state stamped with the publish time."""
+    return (b'{"type":"%s","eventId":"e%d","username":"%s","typeStates":{"Email":"t%d-%d"}}'
+            % (EVENT_TYPE.encode(), seq, username(i).encode(), stamp, seq))
 
 
 class AdminPublisher:
@@ -189,8 +200,8 @@ class AdminPublisher:
             self.answered += data.count(b"HTTP/1.1 ")
             self.failed += data.count(b"HTTP/1.1 ") - data.count(b"HTTP/1.1 202")
 
-    async def send(self, events: list[dict[str, Any]]) -> None:
-        body = json.dumps(events, separators=(",", ":")).encode()
+    def send(self, events: list[bytes]) -> None:
+        body = b"[" + b",".join(events) + b"]"
         head = (f"POST /admin/events HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer {ADMIN}\r\n"
                 f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n").encode()
         writer = self.writers[self._next % self.n]
@@ -206,37 +217,148 @@ class AdminPublisher:
 
 
 class JamesPublisher:
-    """One AMQP message per event, exactly as James writes it, straight to the exchange (no confirms). It talks
-    to aiormq's channel under aio-pika with prebuilt properties: the publisher shares a core with the clients,
-    and its own cost must not be what limits the rate."""
+    """One AMQP message per event, exactly as James writes it, straight to the exchange (no confirms), framed by
+    the gateway's own AMQP codec and written once per tick: the publisher shares a core with the clients, and
+    its own cost must not be what limits the rate."""
 
     def __init__(self, url: str, exchange: str) -> None:
         self.url = url
-        self.exchange_name = exchange
+        self.exchange = exchange
         self.conn: Any = None
-        self.channel: Any = None
-        self.properties: Any = None
+        self.frame_max = 4096
 
     async def open(self) -> None:
-        import aio_pika
-        from pamqp.commands import Basic
+        from pamqp import commands
 
-        self.conn = await aio_pika.connect(self.url)
-        channel = await self.conn.channel(publisher_confirms=False)
-        await channel.declare_exchange(self.exchange_name, aio_pika.ExchangeType.DIRECT, durable=True)
-        self.channel = await channel.get_underlay_channel()
-        self.properties = Basic.Properties(content_type="text/plain", delivery_mode=2,
-                                           headers={"eventBusId": "bench-james"})
+        from gateway.bus import amqp_frames
+        from gateway.bus.amqp_connection import AmqpConnection
 
-    async def send(self, events: list[dict[str, Any]]) -> None:
-        for e in events:
-            await self.channel.basic_publish(
-                json.dumps(e, separators=(",", ":")).encode(), exchange=self.exchange_name,
-                routing_key=f"AccountIdRegistrationKey:{e['username']}", properties=self.properties)
+        self.wire = amqp_frames
+        self.props = amqp_frames.properties("text/plain", 2, {"eventBusId": "bench-james"})
+        self.conn = await AmqpConnection.connect(self.url, heartbeat=0, connection_name="bench-james",
+                                                 on_deliveries=lambda _c, _b: None, on_lost=lambda _e: None)
+        await self.conn.open_channel(1)
+        await self.conn.rpc(1, commands.Exchange.Declare(exchange=self.exchange, exchange_type="direct",
+                                                         durable=True))
+        await self.conn.open_channel(2, confirms=True)  # for bursts: confirmed = in the node's queue
+        self.frame_max = self.conn.frame_max
+
+    def send(self, events: list[bytes], users: list[int]) -> None:
+        exchange = self.exchange.encode()
+        self.conn.write(b"".join(
+            self.wire.publish(1, exchange, b"AccountIdRegistrationKey:" + username(i).encode(), self.props, body,
+                              self.frame_max)
+            for i, body in zip(users, events, strict=True)))
+
+    async def burst(self, sessions: int, seq: int, count: int) -> None:
+        """Publish `count` events round robin over the users as fast as the broker confirms them."""
+        exchange = self.exchange.encode()
+        for first in range(seq, seq + count, 1000):
+            stamp = time.monotonic_ns()
+            messages = [
+                self.wire.publish(2, exchange, b"AccountIdRegistrationKey:" + username(s % sessions).encode(),
+                                  self.props, event_json(s % sessions, stamp, s), self.frame_max)
+                for s in range(first, min(seq + count, first + 1000))]
+            await asyncio.gather(*self.conn.publish(2, messages))
 
     async def close(self) -> None:
         if self.conn is not None:
-            await self.conn.close()
+            with contextlib.suppress(Exception):
+                async with asyncio.timeout(10):
+                    await self.conn.close()
+
+
+def publisher_main(pipe: Connection, kind: str, port: int, url: str, exchange: str, cpu: int | None) -> None:
+    """The publisher process: opens its publisher, then paces events at the rates the parent asks for."""
+    if cpu is not None:
+        os.sched_setaffinity(0, {cpu})
+    sys.path.insert(0, ROOT)
+    import uvloop
+
+    try:
+        uvloop.run(_publisher(pipe, kind, port, url, exchange))
+    except Exception as exc:  # tell the parent instead of leaving it waiting
+        pipe.send(("error", repr(exc)))
+
+
+async def _publisher(pipe: Connection, kind: str, port: int, url: str, exchange: str) -> None:
+    publisher: AdminPublisher | JamesPublisher = AdminPublisher(port) if kind == "admin" else JamesPublisher(
+        url, exchange)
+    await publisher.open()
+    pipe.send(("ready",))
+    loop = asyncio.get_running_loop()
+    while True:
+        command, *args = await loop.run_in_executor(None, pipe.recv)
+        if command == "close":
+            await publisher.close()
+            pipe.send(("closed",))
+            return
+        if command == "burst":
+            assert isinstance(publisher, JamesPublisher)
+            await publisher.burst(*args)
+            pipe.send(("burst",))
+            continue
+        start, window, end, rate, sessions, seq = args
+        sent = in_window = 0
+        while (now := time.monotonic_ns()) < start:
+            await asyncio.sleep((start - now) / 1e9)
+        while True:
+            now = time.monotonic_ns()
+            if now >= end:
+                break
+            due = int((now - start) * rate / 1e9) - sent
+            if due > 0:
+                stamp = time.monotonic_ns()
+                seqs = range(seq, seq + due)
+                events = [event_json(s % sessions, stamp, s) for s in seqs]
+                if isinstance(publisher, JamesPublisher):
+                    publisher.send(events, [s % sessions for s in seqs])
+                else:
+                    publisher.send(events)
+                seq += due
+                sent += due
+                if stamp >= window:
+                    in_window += due
+            await asyncio.sleep(TICK)
+        pipe.send(("ran", sent, in_window, seq))
+
+
+class Publisher:
+    """The parent's handle on the publisher process."""
+
+    def __init__(self, kind: str, port: int, url: str, exchange: str, cpu: int | None) -> None:
+        ctx = multiprocessing.get_context("spawn")
+        self.pipe, theirs = ctx.Pipe()
+        self.proc = ctx.Process(target=publisher_main, args=(theirs, kind, port, url, exchange, cpu), daemon=True)
+        self.proc.start()
+        self._answer("ready", 60)
+
+    def _answer(self, what: str, timeout: float) -> list[Any]:
+        if not self.pipe.poll(timeout):
+            raise TimeoutError(f"the publisher did not answer ({what})")
+        answer: list[Any] = self.pipe.recv()
+        if answer[0] == "error":
+            raise RuntimeError(f"publisher failed: {answer[1]}")
+        return answer
+
+    def start(self, start: int, window: int, end: int, rate: int, sessions: int, seq: int) -> None:
+        self.pipe.send(("run", start, window, end, rate, sessions, seq))
+
+    def burst(self, sessions: int, seq: int, count: int, timeout: float = 300) -> None:
+        self.pipe.send(("burst", sessions, seq, count))
+        self._answer("burst", timeout)
+
+    def result(self, timeout: float) -> tuple[int, int, int]:
+        _, sent, in_window, seq = self._answer("ran", timeout)
+        return sent, in_window, seq
+
+    def close(self) -> None:
+        with contextlib.suppress(Exception):
+            self.pipe.send(("close",))
+            self._answer("closed", 30)
+        self.proc.join(10)
+        if self.proc.is_alive():
+            self.proc.kill()
 
 
 # --- the harness -----------------------------------------------------------------------------------------
@@ -249,21 +371,25 @@ class Result:
     seconds: float = 0.0
     received: int = 0
     latencies_us: dict[str, float] = field(default_factory=dict)
-    gateway_cpu: float = 0.0
+    gateway_cpu: float = 0.0  # share of one core
     broker_cpu: float | None = None
+    gateway_us: float = 0.0  # CPU µs per event published in the window
+    broker_us: float | None = None
     drained: bool = False
     sustained: bool = False
 
 
 class GatewayUnderTest:
-    def __init__(self, bus: str, exchange: str, amqp_url: str, cpu: int | None) -> None:
+    def __init__(self, bus: str, exchange: str, amqp_url: str, cpu: int | None, root: str = ROOT) -> None:
         self.bus = bus
         env = {**os.environ, "GATEWAY_PORT": "0", "GATEWAY_BUS": bus, "GATEWAY_AMQP_EXCHANGE": exchange,
                "GATEWAY_AMQP_URL": amqp_url, "GATEWAY_JWT_SECRET": SECRET, "GATEWAY_ADMIN_TOKEN": ADMIN,
                "GATEWAY_DB": ":memory:", "GATEWAY_SMTP_PORT": "0", "GATEWAY_LOG_LEVEL": "WARNING",
                "GATEWAY_PING_INTERVAL": "0", "GATEWAY_MAX_SIZE_REQUEST": "10000000"}
         # Its own session: a Ctrl-C reaches only this script, which then stops the gateway in order.
-        self.proc = subprocess.Popen([sys.executable, "-m", "gateway"], cwd=ROOT, env=env, stdout=subprocess.PIPE,
+        # `-m` puts the working directory first on sys.path: `root` may be another tree of the gateway (e.g. an
+        # older commit, with the native modules built) to compare with.
+        self.proc = subprocess.Popen([sys.executable, "-m", "gateway"], cwd=root, env=env, stdout=subprocess.PIPE,
                                      text=True, start_new_session=True)
         if cpu is not None:
             os.sched_setaffinity(self.proc.pid, {cpu})
@@ -371,41 +497,32 @@ async def drain(clients: Clients, expected: int, timeout: float) -> bool:
     return False
 
 
-async def measure(path: str, publisher: AdminPublisher | JamesPublisher, clients: Clients, gateway: int,
-                  sessions: int, rate: int, warmup: float, seconds: float, seq0: int) -> tuple[Result, int]:
+async def measure(path: str, publisher: Publisher, clients: Clients, gateway: int, sessions: int, rate: int,
+                  warmup: float, seconds: float, seq0: int) -> tuple[Result, int]:
     """Publish at `rate` for warmup + seconds; the samples of events published after the warm-up count."""
     from hdrh.histogram import HdrHistogram
 
     clients.ask("reset")
     result = Result(path, rate)
     beam = broker_pid()
-    start = time.monotonic_ns()
+    start = time.monotonic_ns() + 200_000_000  # time for the publisher to get the command
     window = start + int(warmup * 1e9)
     end = window + int(seconds * 1e9)
-    seq = seq0
-    sent = in_window = 0
-    cpu0 = b0 = 0.0
-    started_window = False
-    while True:
-        now = time.monotonic_ns()
-        if now >= end:
-            break
-        if not started_window and now >= window:
-            started_window = True
-            cpu0 = cpu_seconds(gateway)
-            b0 = cpu_seconds(beam) if beam else 0.0
-        due = int((now - start) * rate / 1e9) - sent
-        if due > 0:
-            stamp = time.monotonic_ns()
-            await publisher.send([event(s % sessions, stamp, s) for s in range(seq, seq + due)])
-            seq += due
-            sent += due
-            if stamp >= window:
-                in_window += due
-        await asyncio.sleep(TICK)
-    result.gateway_cpu = (cpu_seconds(gateway) - cpu0) / seconds
-    if beam:
-        result.broker_cpu = (cpu_seconds(beam) - b0) / seconds
+    publisher.start(start, window, end, rate, sessions, seq0)
+    await asyncio.sleep(max(0.0, (window - time.monotonic_ns()) / 1e9))
+    cpu0 = cpu_seconds(gateway)
+    b0 = cpu_seconds(beam) if beam else 0.0
+    t0 = time.monotonic_ns()
+    await asyncio.sleep(max(0.0, (end - time.monotonic_ns()) / 1e9))
+    measured = (time.monotonic_ns() - t0) / 1e9
+    gateway_cpu = cpu_seconds(gateway) - cpu0
+    broker_cpu = cpu_seconds(beam) - b0 if beam else None
+    sent, in_window, seq = publisher.result(timeout=60)
+    result.gateway_cpu = gateway_cpu / measured
+    result.broker_cpu = broker_cpu / measured if broker_cpu is not None else None
+    if in_window:
+        result.gateway_us = gateway_cpu / (in_window * measured / seconds) * 1e6
+        result.broker_us = broker_cpu / (in_window * measured / seconds) * 1e6 if broker_cpu is not None else None
     result.sent = in_window
     result.seconds = seconds
     # Every event published (warm-up included) must arrive before the next rate starts, or the next rate would
@@ -425,9 +542,67 @@ async def measure(path: str, publisher: AdminPublisher | JamesPublisher, clients
     return result, seq
 
 
+@dataclass
+class Drain:
+    """A backlog in the node's queue, consumed at the node's own pace."""
+
+    events: int
+    seconds: float = 0.0
+    delivered: int = 0
+    gateway_cpu: float = 0.0  # CPU seconds
+    broker_cpu: float | None = None
+
+
+async def measure_drain(publisher: Publisher, clients: Clients, gateway: GatewayUnderTest, sessions: int,
+                        events: int, seq: int) -> tuple[Drain, int]:
+    """Stop the gateway (SIGSTOP), let James put `events` in its queue (publisher confirms), let it go
+    (SIGCONT) and time it until every session has its pushes: how many events/s one node on one core takes
+    when the broker is not what limits the rate. Latency is not measured (the events waited on purpose)."""
+    result = Drain(events)
+    clients.ask("reset")
+    share = -(-sessions // len(clients.pipes))
+    expected = [0] * len(clients.pipes)
+    for s in range(seq, seq + events):
+        expected[(s % sessions) // share] += 1
+    beam = broker_pid()
+    os.kill(gateway.proc.pid, signal.SIGSTOP)
+    try:
+        publisher.burst(sessions, seq, events)
+    finally:
+        cpu0 = cpu_seconds(gateway.proc.pid)
+        b0 = cpu_seconds(beam) if beam else 0.0
+        start = time.monotonic_ns()
+        os.kill(gateway.proc.pid, signal.SIGCONT)
+    for pipe, want in zip(clients.pipes, expected, strict=True):
+        pipe.send(("wait", want, 120.0))
+    last = 0
+    for pipe in clients.pipes:
+        if not pipe.poll(130):
+            raise TimeoutError("a client process did not answer 'wait'")
+        _, got, last_receipt = pipe.recv()
+        result.delivered += got
+        last = max(last, last_receipt)
+    result.seconds = (last - start) / 1e9
+    result.gateway_cpu = cpu_seconds(gateway.proc.pid) - cpu0
+    result.broker_cpu = cpu_seconds(beam) - b0 if beam else None
+    return result, seq + events
+
+
+def drain_row(d: Drain) -> str:
+    rate = d.delivered / d.seconds if d.seconds > 0 else 0.0
+    broker = (f"{d.broker_cpu / d.seconds:.0%} ({d.broker_cpu / d.events * 1e6:,.1f} µs/event)"
+              if d.broker_cpu is not None else "-")
+    return (f"| {d.events:,} | {d.delivered / d.events:.2%} | {d.seconds:.2f} | {rate:,.0f} "
+            f"| {d.gateway_cpu / d.seconds:.0%} | {d.gateway_cpu / d.events * 1e6:,.1f} | {broker} |")
+
+
+DRAIN_HEADER = ("| backlog events | delivered | seconds | events/s | gateway CPU | gateway µs/event "
+                "| broker CPU (µs/event) |\n|---|---|---|---|---|---|---|")
+
+
 async def run_bus(bus: str, args: argparse.Namespace, cpus: tuple[int | None, int | None]) -> list[Result]:
     exchange = f"bench-{uuid.uuid4().hex[:12]}"
-    gateway = GatewayUnderTest(bus, exchange, args.amqp_url, cpus[0])
+    gateway = GatewayUnderTest(bus, exchange, args.amqp_url, cpus[0], args.gateway_root)
     clients: Clients | None = None
     results: list[Result] = []
     try:
@@ -437,12 +612,12 @@ async def run_bus(bus: str, args: argparse.Namespace, cpus: tuple[int | None, in
         print(f"[{bus}] {n} sessions connected and push-enabled in {time.monotonic() - t0:.1f}s", flush=True)
         if bus == "amqp":
             await wait_bindings(exchange, args.sessions)
-        paths: list[tuple[str, AdminPublisher | JamesPublisher]] = [(f"{bus}/admin", AdminPublisher(gateway.port))]
-        if bus == "amqp":
-            paths.append(("amqp/james", JamesPublisher(args.amqp_url, exchange)))
+        paths = [(f"{bus}/admin", "admin")] if "admin" in args.paths else []
+        if bus == "amqp" and "james" in args.paths:
+            paths.append(("amqp/james", "james"))
         seq = 0
-        for path, publisher in paths:
-            await publisher.open()
+        for path, kind in paths:
+            publisher = Publisher(kind, gateway.port, args.amqp_url, exchange, cpus[1])
             try:
                 for rate in args.rates:
                     result, seq = await measure(path, publisher, clients, gateway.proc.pid, args.sessions, rate,
@@ -454,7 +629,16 @@ async def run_bus(bus: str, args: argparse.Namespace, cpus: tuple[int | None, in
                         print(f"[{path}] {rate:,} ev/s not sustained; higher rates skipped", flush=True)
                         break
             finally:
-                await publisher.close()
+                publisher.close()
+        if bus == "amqp" and "james" in args.paths and args.drain:
+            publisher = Publisher("james", gateway.port, args.amqp_url, exchange, cpus[1])
+            try:
+                for _ in range(args.drain_runs):
+                    drained, seq = await measure_drain(publisher, clients, gateway, args.sessions, args.drain, seq)
+                    DRAINS.append(drained)
+                    print(f"[amqp/james backlog] {drain_row(drained)}", flush=True)
+            finally:
+                publisher.close()
     finally:
         if clients is not None:
             clients.close()
@@ -474,17 +658,21 @@ async def delete_exchange(url: str, name: str) -> None:
             await channel.exchange_delete(name)
 
 
+DRAINS: list[Drain] = []
 HEADER = ("| path | target ev/s | achieved ev/s | delivered | p50 µs | p90 µs | p99 µs | p99.9 µs | max µs "
-          "| gateway CPU | broker CPU | kept up |\n|---|---|---|---|---|---|---|---|---|---|---|---|")
+          "| gateway CPU | gateway µs/event | broker CPU | broker µs/event | kept up |\n"
+          "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
 
 
 def row(r: Result) -> str:
     lat = r.latencies_us
     broker = f"{r.broker_cpu:.0%}" if r.broker_cpu is not None else "-"
+    broker_us = f"{r.broker_us:,.1f}" if r.broker_us is not None else "-"
     delivered = f"{r.received / r.sent:.2%}" if r.sent else "-"
     return (f"| {r.path} | {r.target:,} | {r.sent / r.seconds:,.0f} | {delivered} | {lat['p50']:,.0f} "
             f"| {lat['p90']:,.0f} | {lat['p99']:,.0f} | {lat['p99.9']:,.0f} | {lat['max']:,.0f} "
-            f"| {r.gateway_cpu:.0%} | {broker} | {'yes' if r.sustained else 'no'} |")
+            f"| {r.gateway_cpu:.0%} | {r.gateway_us:,.1f} | {broker} | {broker_us} "
+            f"| {'yes' if r.sustained else 'no'} |")
 
 
 def main() -> int:
@@ -495,12 +683,18 @@ def main() -> int:
     parser.add_argument("--warmup", type=float, default=2.0, help="seconds published before measuring")
     parser.add_argument("--client-processes", type=int, default=2)
     parser.add_argument("--buses", default="memory,amqp")
+    parser.add_argument("--paths", default="admin,james", help="admin (POST /admin/events), james (the exchange)")
     parser.add_argument("--amqp-url", default=os.environ.get("GATEWAY_AMQP_URL",
                                                              "amqp://guest:guest@127.0.0.1:5672/"))
+    parser.add_argument("--drain", type=int, default=0,
+                        help="also time the node draining a backlog of this many James events (0 = no)")
+    parser.add_argument("--drain-runs", type=int, default=3)
     parser.add_argument("--no-pin", action="store_true", help="let the scheduler place every process")
+    parser.add_argument("--gateway-root", default=ROOT, help="run `python -m gateway` from this tree")
     parser.add_argument("--json", help="also write the results to this file")
     args = parser.parse_args()
     args.rates = [int(r) for r in args.rates.split(",") if r]
+    args.paths = set(args.paths.split(","))
     if not 1 <= args.sessions <= 50_000:
         parser.error("--sessions must be from 1 to 50000")
     ncpu = len(os.sched_getaffinity(0))
@@ -520,9 +714,15 @@ def main() -> int:
     print(HEADER)
     for r in results:
         print(row(r))
+    if DRAINS:
+        print()
+        print(DRAIN_HEADER)
+        for d in DRAINS:
+            print(drain_row(d))
     if args.json:
         with open(args.json, "w") as fh:
-            json.dump([r.__dict__ for r in results], fh, indent=2)
+            json.dump({"rates": [r.__dict__ for r in results], "drains": [d.__dict__ for d in DRAINS]}, fh,
+                      indent=2)
     return 0
 
 

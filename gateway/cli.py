@@ -41,7 +41,7 @@ import signal
 import socket
 import sys
 import time
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -66,9 +66,8 @@ STOP_MARGIN = 15.0
 
 
 # Libraries whose INFO lines are noise for an operator (aiosmtpd: 2-3 per SMTP connection; picows: every accepted
-# connection, at 100k connections; aio-pika/aiormq: connection chatter; httpx: every upstream event stream opened):
-# shown from WARNING, or all with DEBUG.
-THIRD_PARTY_LOGGERS = ("mail", "picows", "aio_pika", "aiormq", "aiohttp", "httpx", "httpcore")
+# connection, at 100k connections; httpx: every upstream event stream opened): shown from WARNING, or all with DEBUG.
+THIRD_PARTY_LOGGERS = ("mail", "picows", "aiohttp", "httpx", "httpcore")
 _json_logging = False  # set by configure_logging: fatal() then writes its line as a JSON object too
 
 
@@ -110,21 +109,6 @@ def fatal(message: str) -> None:
         log.critical(message)
     else:
         print(f"jmap-gateway: {message}", file=sys.stderr, flush=True)
-
-
-@contextlib.contextmanager
-def _quiet(*names: str) -> Iterator[None]:
-    """Silence libraries' own logging while starting: a failed start is reported by one line of ours, and
-    aio-pika's "reconnecting after 5 seconds" would be untrue (a failed start does not reconnect)."""
-    loggers = [logging.getLogger(name) for name in names]
-    levels = [lg.level for lg in loggers]
-    for lg in loggers:
-        lg.setLevel(logging.CRITICAL + 1)
-    try:
-        yield
-    finally:
-        for lg, level in zip(loggers, levels, strict=True):
-            lg.setLevel(level)
 
 
 def start_up_line(settings: Settings, port: int, workers: int = 1) -> str:
@@ -178,8 +162,7 @@ async def serve(settings: Settings, worker: WorkerRole | None = None) -> None:
         if sharing is not None:
             sharing.announce = link.announce
     try:
-        with _quiet("aiormq", "aio_pika"):
-            await gateway.start()
+        await gateway.start()
     except (GatewayError, OSError) as exc:
         # e.g. RabbitMQ unreachable or the port taken: one clear line, then a non-zero exit.
         with contextlib.suppress(Exception):

@@ -12,6 +12,18 @@ Decisions (how this adapter keeps the contract of `gateway.bus.base`):
   cannot be exclusive or auto-delete, so with GATEWAY_AMQP_QUEUE_TYPE=quorum the queue is durable with
   `x-expires` (QUORUM_QUEUE_EXPIRES_MS): the broker deletes it once it has had no consumer for that long.
   stop() deletes it either way.
+- One connection per node, our own (gateway/bus/amqp_connection.py on pamqp's codec), not aio-pika's: the
+  consume path is per message, and aiormq's frame reader (three awaits, a lock and two queues per frame) plus a
+  task per delivery cost 110-270 µs a message, ours ~6 µs (bench/README.md, "RabbitMQ bus"). An exclusive
+  queue can only be bound and consumed by the connection that declared it, so bindings, consumption and
+  publishing share it, on three channels (control, publishing with confirms, consuming). A channel error ends
+  the connection (see below), so the separation is about what each channel waits for, not about failures.
+- Consumption at batch granularity: every delivery one socket read completed is decoded (msgspec, straight
+  into the hub's Struct), handed to the handler as ONE call in delivery order, and settled with one write:
+  `basic.reject` (no requeue) for each poison message, then one `basic.ack` with `multiple` on the highest
+  good delivery tag. The rejects go first: once the broker has processed a reject the tag is no longer
+  outstanding, so the multiple ack that follows cannot cover it (and rejecting an already acknowledged tag would
+  be a channel error). No task, no await and no timer per message.
 - Our own events come back through the broker. James delivers a node's own events to its local listeners
   directly and drops the broker's echo by comparing `eventBusId`. We don't: `publish()` only sends, and
   every local session receives the event from this node's queue like any other node's sessions. One path for
@@ -20,18 +32,19 @@ Decisions (how this adapter keeps the contract of `gateway.bus.base`):
   broker is away raises `BusUnavailableError` instead of reaching local sessions; the hub's gap resync
   (`on_gap`) after the reconnection brings those sessions up to date. We still write `eventBusId` so that
   James nodes, which do filter on it, see a foreign bus id and deliver our events.
-- Bindings are owned here, not by aio-pika's robust bookkeeping: the desired set (`subscribe`d usernames
-  plus those waiting out GATEWAY_AMQP_UNBIND_DELAY) is reconciled with the broker by one task, so binds and
-  unbinds of a username are applied in order and never race. Binds are pipelined (`nowait`) and confirmed by
-  one synchronous call per batch, so re-binding thousands of usernames after a reconnection takes a few
-  round trips.
-- After the robust connection comes back (aio-pika re-declares exchange, queue, QoS and consumer), every
-  wanted username is bound again and every possibly stale binding is removed; only then is the bus `ready`
-  again and `on_gap()` called once: events routed while we were away were lost with the old exclusive queue.
-- Exactly once "while connected": a message is acknowledged after the handler has been called, so it is
-  never lost between broker and hub; if a channel dies between the two, the broker redelivers it (a repeated
-  state, harmless to clients). A message that is not a StateChangeEvent is rejected without requeue and
-  counted.
+- Bindings are owned here: the desired set (`subscribe`d usernames plus those waiting out
+  GATEWAY_AMQP_UNBIND_DELAY) is reconciled with the broker by one task, so binds and unbinds of a username are
+  applied in order and never race. Binds are pipelined (`nowait`) and confirmed by one synchronous call per
+  batch, so re-binding thousands of usernames after a reconnection takes a few round trips.
+- Any loss (the socket, missed heartbeats, a channel closed or the consumer cancelled by the broker) ends the
+  connection; a new one is tried every `reconnect_interval`. On it the exchange, queue, QoS and consumer are
+  declared again, every wanted username is bound again and every possibly stale binding removed; only then is
+  the bus `ready` again and `on_gap()` called once: events routed while we were away were lost with the old
+  exclusive queue.
+- At least once, and exactly once while connected: a message is acknowledged only after the handler has taken
+  it, so it is never lost between broker and hub; if the connection dies between the two, the broker
+  redelivers it (a quorum queue; a repeated state, harmless to clients) or drops it with the exclusive queue (a
+  gap, covered by `on_gap`). A message that is not a StateChangeEvent is rejected without requeue and counted.
 """
 
 from __future__ import annotations
@@ -39,22 +52,15 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Collection, Sequence
-from typing import Any
 
-import aio_pika
-from aio_pika.abc import (
-    AbstractIncomingMessage,
-    AbstractRobustChannel,
-    AbstractRobustConnection,
-    AbstractRobustExchange,
-    AbstractRobustQueue,
-    ConsumerTag,
-)
-from aio_pika.connection import make_url
+from pamqp import commands
 from yarl import URL
 
+from gateway.bus import amqp_frames as wire
+from gateway.bus.amqp_connection import AmqpConnection
+from gateway.bus.amqp_frames import Delivery
 from gateway.bus.base import EventHandler, GapHandler
-from gateway.bus.events import EventDecodeError, StateChangeEvent, decode_events, encode_events
+from gateway.bus.events import EventDecodeError, StateChangeEvent, decode_body, encode_events
 from gateway.config import Settings
 from gateway.errors import Unavailable
 
@@ -70,6 +76,10 @@ QUORUM_QUEUE_EXPIRES_MS = 60_000
 _MAX_ROUTING_KEY_BYTES = 255
 # Binding changes sent before one confirming round trip.
 _BATCH = 500
+# The node's channels (a failing one ends the connection, see amqp_connection).
+CONTROL, PUBLISHING, CONSUMING = 1, 2, 3
+# Failed reconnection attempts in a row between two warnings (the others are logged at debug level).
+_WARN_EVERY = 12
 
 
 class BusUnavailableError(Unavailable):
@@ -106,24 +116,25 @@ class AmqpBus:
         self._op_timeout = op_timeout
         self._reconnect_interval = reconnect_interval
         self._retry_delay = retry_delay
+        # Built once: every publish reuses the exchange name and the content header's properties.
+        self._exchange_bytes = self.exchange_name.encode()
+        self._properties = wire.properties("text/plain", 2, {EVENT_BUS_ID_HEADER: node_id})
 
         # Counters exported as metrics (plain ints, read by the composition root).
         self.received_events = 0
+        self.received_messages = 0
+        self.consumed_batches = 0
         self.poison_messages = 0
         self.published_events = 0
         self.reconnects = 0
 
         self._handler: EventHandler | None = None
         self._on_gap: GapHandler | None = None
-        self._conn: AbstractRobustConnection | None = None
-        # Strong references: the robust connection keeps its channels in a WeakSet (restores only live ones).
-        self._control: AbstractRobustChannel | None = None
-        self._publish_channel: AbstractRobustChannel | None = None
-        self._consume_channel: AbstractRobustChannel | None = None
-        self._exchange: AbstractRobustExchange | None = None
-        self._queue: AbstractRobustQueue | None = None
-        self._consumer_tag: ConsumerTag | None = None
-        self._online = False  # the connection and its channels are up
+        self._conn: AmqpConnection | None = None
+        self._token: object | None = None  # identifies `_conn` (its loss callback carries the same)
+        self._consumer_tag: str | None = None
+        self._started = False
+        self._online = False  # the connection is up, with exchange, queue and consumer declared
         self._epoch = 0  # counts connection losses: a change confirmed across one proves nothing
         self._ready = False  # online and every wanted binding confirmed
         self._stopping = False
@@ -140,6 +151,7 @@ class AmqpBus:
         self._idle.set()
         self._reconciler: asyncio.Task[None] | None = None
         self._recovery: asyncio.Task[None] | None = None
+        self._reconnecting: asyncio.Task[None] | None = None
 
     # --- the port ---------------------------------------------------------------------------------------
 
@@ -149,27 +161,16 @@ class AmqpBus:
 
     async def start(self, handler: EventHandler, on_gap: GapHandler) -> None:
         """Connect, declare, consume, bind; raise BusUnavailableError within `start_timeout` if we cannot."""
-        if self._conn is not None:
+        if self._started:
             raise RuntimeError("AmqpBus already started")
+        self._started = True
         self._handler = handler
         self._on_gap = on_gap
         self._stopping = False
-        url = make_url(
-            self._url,
-            heartbeat=self._settings.amqp_heartbeat,
-            reconnect_interval=self._reconnect_interval,
-        )
-        # Built by hand rather than with connect_robust(): if the first attempt times out we must still hold
-        # the connection to close it, or its reconnection task would keep trying in the background.
-        conn = aio_pika.RobustConnection(url, client_properties={"connection_name": self.connection_name})
-        self._conn = conn
         try:
             async with asyncio.timeout(self._start_timeout):
-                await conn.connect(timeout=self._start_timeout)
-                await self._declare(conn)
-                conn.close_callbacks.add(self._on_connection_lost)
-                conn.reconnect_callbacks.add(self._on_reconnected)
-                self._online = conn.connected.is_set()
+                await self._connect()
+                self._online = True
                 self._reconciler = asyncio.create_task(
                     self._reconcile_loop(), name=f"amqp-bindings-{self.node_id}")
                 for username in self._wanted:
@@ -186,38 +187,39 @@ class AmqpBus:
 
     async def stop(self) -> None:
         """Stop consuming, delete this node's queue (if the broker is there), close the connection."""
-        conn = self._conn
-        if conn is None:
+        if not self._started:
             return
         self._stopping = True
         self._ready = False
         for timer in self._unbind_timers.values():
             timer.cancel()
         self._unbind_timers.clear()
-        for task in (self._recovery, self._reconciler):
+        for task in (self._reconnecting, self._recovery, self._reconciler):
             if task is not None:
                 task.cancel()
                 await asyncio.gather(task, return_exceptions=True)
-        self._recovery = self._reconciler = None
-        queue = self._queue
-        if self._online and queue is not None:
+        self._reconnecting = self._recovery = self._reconciler = None
+        conn = self._conn
+        if conn is not None and conn.is_open:
             try:
                 async with asyncio.timeout(self._op_timeout):
                     # Cancel first so that nothing more is delivered while the queue goes away.
                     if self._consumer_tag is not None:
-                        await queue.cancel(self._consumer_tag)
-                    await queue.delete(if_unused=False, if_empty=False)
+                        await conn.rpc(CONSUMING, commands.Basic.Cancel(consumer_tag=self._consumer_tag))
+                    await conn.rpc(CONTROL, commands.Queue.Delete(queue=self.queue_name))
             except Exception as exc:
                 # The broker deletes an exclusive queue with the connection anyway; a quorum queue expires.
                 log.warning("could not delete queue %s: %r", self.queue_name, exc)
+            try:
+                async with asyncio.timeout(self._op_timeout):
+                    await conn.close()
+            except Exception as exc:
+                log.warning("closing the RabbitMQ connection failed: %r", exc)
+        if conn is not None:
+            conn.abort()
         self._online = False
-        try:
-            async with asyncio.timeout(self._op_timeout):
-                await conn.close()
-        except Exception as exc:
-            log.warning("closing the RabbitMQ connection failed: %r", exc)
-        self._conn = self._control = self._publish_channel = self._consume_channel = None
-        self._exchange = self._queue = None
+        self._started = False
+        self._conn = self._token = None
         self._consumer_tag = None
         self._bound.clear()
         self._uncertain.clear()
@@ -263,42 +265,38 @@ class AmqpBus:
         """
         if not events:
             return
-        exchange = self._exchange
-        if not self._online or exchange is None:
+        conn = self._conn
+        if not self._online or conn is None or not conn.is_open:
             raise BusUnavailableError("not connected to RabbitMQ; events not published")
         groups: dict[str, list[StateChangeEvent]] = {}
         for event in events:
             groups.setdefault(event.username, []).append(event)
-        headers: dict[str, Any] = {EVENT_BUS_ID_HEADER: self.node_id}
-        publishes = [
-            exchange.publish(
-                aio_pika.Message(
-                    encode_events(group),
-                    headers=headers,
-                    content_type="text/plain",
-                    delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
-                ),
-                routing_key=routing_key(username),
-                # Nobody subscribed anywhere is normal: let the broker drop it without a basic.return.
-                mandatory=False,
-            )
-            for username, group in groups.items()
-        ]
+        messages = []
+        for username, group in groups.items():
+            key = routing_key(username).encode()
+            if len(key) > _MAX_ROUTING_KEY_BYTES:
+                # No binding can match it, here or on a James node: nobody would receive it.
+                log.warning("username too long for an AMQP routing key, event not published: %r", username[:64])
+                continue
+            messages.append(wire.publish(PUBLISHING, self._exchange_bytes, key, self._properties,
+                                         encode_events(group), conn.frame_max))
         try:
+            confirms = conn.publish(PUBLISHING, messages)
             async with asyncio.timeout(self._op_timeout):
-                await asyncio.gather(*publishes)
-        except asyncio.CancelledError:
-            if _being_cancelled():
-                raise
-            # aiormq cancels pending confirmations when the connection drops under them.
-            raise BusUnavailableError("connection to RabbitMQ lost during publish") from None
-        except Exception as exc:
-            raise BusUnavailableError(f"publishing to RabbitMQ failed: {exc!r}") from exc
+                await asyncio.gather(*confirms)
+        except TimeoutError:
+            raise BusUnavailableError(f"RabbitMQ did not confirm within {self._op_timeout:g}s") from None
+        except Unavailable as exc:
+            raise BusUnavailableError(f"publishing to RabbitMQ failed: {exc}") from exc
         self.published_events += len(events)
 
     def counters(self) -> list[tuple[str, str, float]]:
         return [
             ("received_events", "Events taken from this node's queue", self.received_events),
+            ("received_messages", "Messages taken from this node's queue (poison ones included)",
+             self.received_messages),
+            ("consumed_batches", "Batches of messages handed to the hub (one per socket read)",
+             self.consumed_batches),
             ("poison_messages", "Messages rejected as not StateChangeEvents", self.poison_messages),
             ("published_events", "Events published to the exchange", self.published_events),
             ("reconnects", "Connections to RabbitMQ restored", self.reconnects),
@@ -343,39 +341,46 @@ class AmqpBus:
 
     # --- connection set-up and recovery ---------------------------------------------------------------------
 
-    async def _declare(self, conn: AbstractRobustConnection) -> None:
-        # Three channels so that one failing does not take the others down: a bad binding (e.g. the exchange
-        # deleted under us) closes only the control channel, a publish failure only the publishing one.
-        control = await conn.channel(publisher_confirms=False)
-        await control.declare_exchange(
-            self.exchange_name, aio_pika.ExchangeType.DIRECT, durable=True, timeout=self._op_timeout)
-        publishing = await conn.channel(publisher_confirms=True)
-        exchange = await publishing.declare_exchange(
-            self.exchange_name, aio_pika.ExchangeType.DIRECT, durable=True, timeout=self._op_timeout)
-        consuming = await conn.channel(publisher_confirms=False)
-        await consuming.set_qos(prefetch_count=self._settings.amqp_prefetch)
-        if self._settings.amqp_queue_type == "quorum":
-            queue = await consuming.declare_queue(
-                self.queue_name, durable=True,
-                arguments={"x-queue-type": "quorum", "x-expires": QUORUM_QUEUE_EXPIRES_MS},
-                timeout=self._op_timeout)
-        else:
-            queue = await consuming.declare_queue(
-                self.queue_name, exclusive=True, arguments={"x-queue-type": "classic"},
-                timeout=self._op_timeout)
-        # robust=True (the default): aio-pika re-declares the queue and re-consumes after a reconnection.
-        self._consumer_tag = await queue.consume(self._on_message, no_ack=False, timeout=self._op_timeout)
-        self._control, self._publish_channel, self._consume_channel = control, publishing, consuming
-        self._exchange, self._queue = exchange, queue
+    async def _connect(self) -> None:
+        """Open a connection and declare on it what the node needs; it becomes `_conn` only when complete."""
+        token = object()  # tells this connection's loss apart from an older one's
 
-    def _on_connection_lost(self, _conn: Any, exc: BaseException | None) -> None:
-        if self._stopping:
-            return
+        conn = await AmqpConnection.connect(
+            self._url, heartbeat=self._settings.amqp_heartbeat, connection_name=self.connection_name,
+            on_deliveries=self._on_deliveries, on_lost=lambda exc: self._lost(token, exc))
+        try:
+            await conn.open_channel(CONTROL)
+            await conn.rpc(CONTROL, commands.Exchange.Declare(
+                exchange=self.exchange_name, exchange_type="direct", durable=True))
+            await conn.open_channel(PUBLISHING, confirms=True)
+            await conn.open_channel(CONSUMING)
+            await conn.rpc(CONSUMING, commands.Basic.Qos(prefetch_count=self._settings.amqp_prefetch))
+            if self._settings.amqp_queue_type == "quorum":
+                declare = commands.Queue.Declare(
+                    queue=self.queue_name, durable=True,
+                    arguments={"x-queue-type": "quorum", "x-expires": QUORUM_QUEUE_EXPIRES_MS})
+            else:
+                declare = commands.Queue.Declare(
+                    queue=self.queue_name, exclusive=True, arguments={"x-queue-type": "classic"})
+            await conn.rpc(CONTROL, declare)
+            consume_ok = await conn.rpc(CONSUMING, commands.Basic.Consume(queue=self.queue_name))
+        except BaseException:
+            conn.abort()
+            raise
+        self._conn, self._token, self._consumer_tag = conn, token, str(consume_ok.consumer_tag)
+
+    def _lost(self, token: object, exc: BaseException | None) -> None:
+        if self._stopping or token is not self._token:
+            return  # our own close, or a connection that never became the node's
         if self._online:
-            log.warning("lost the RabbitMQ connection (%r); events may be missed until it is back", exc)
+            log.warning("lost the RabbitMQ connection (%s); events may be missed until it is back",
+                        exc or "closed")
         self._online = False
         self._ready = False
         self._epoch += 1
+        self._token = None
+        self._conn = None
+        self._consumer_tag = None
         if self._recovery is not None:
             self._recovery.cancel()
             self._recovery = None
@@ -383,16 +388,31 @@ class AmqpBus:
         # longer know, and the recovery re-checks every one of them.
         self._uncertain |= self._bound
         self._bound.clear()
+        if self._reconnecting is None or self._reconnecting.done():
+            self._reconnecting = asyncio.create_task(self._reconnect(), name=f"amqp-reconnect-{self.node_id}")
 
-    def _on_reconnected(self, _conn: Any) -> None:
-        # Called by aio-pika after it re-opened the channels and re-declared exchange, queue and consumer.
-        if self._stopping:
-            return
+    async def _reconnect(self) -> None:
+        failures = 0
+        while True:
+            await asyncio.sleep(self._reconnect_interval)
+            try:
+                async with asyncio.timeout(self._op_timeout):
+                    await self._connect()
+                break
+            except asyncio.CancelledError:
+                if _being_cancelled():
+                    raise
+                error: BaseException = ConnectionError("operation cancelled by the connection")
+            except Exception as exc:
+                error = exc
+            if failures % _WARN_EVERY == 0:
+                log.warning("cannot reconnect to RabbitMQ at %s (%r); trying every %gs", _censor(self._url),
+                            error, self._reconnect_interval)
+            failures += 1
+        self._reconnecting = None
         self._online = True
         for username in self._wanted | self._uncertain:
             self._mark(username)
-        if self._recovery is not None:
-            self._recovery.cancel()
         self._recovery = asyncio.create_task(self._recover(), name=f"amqp-recover-{self.node_id}")
 
     async def _recover(self) -> None:
@@ -461,30 +481,31 @@ class AmqpBus:
         return ops
 
     async def _apply(self, ops: list[tuple[str, bool]]) -> None:
-        control = self._control
-        if control is None:
-            raise ConnectionError("no control channel")
+        conn = self._conn
+        if conn is None:
+            raise ConnectionError("not connected")
         epoch = self._epoch
         for username, bind in ops:
             self._uncertain.add(username)
             if not bind:
                 self._bound.discard(username)
         async with asyncio.timeout(self._op_timeout):
-            channel = await control.get_underlay_channel()
             last_was_nowait = False
             for username, bind in ops:
                 key = routing_key(username)
                 if bind:
-                    # No reply: a failure closes the channel, which the synchronous call below then reports.
-                    await channel.queue_bind(
-                        self.queue_name, self.exchange_name, routing_key=key, nowait=True)
+                    # No reply: a failure closes the channel (and with it our connection), which the
+                    # synchronous call below then reports.
+                    conn.send(CONTROL, commands.Queue.Bind(
+                        queue=self.queue_name, exchange=self.exchange_name, routing_key=key, nowait=True))
                     last_was_nowait = True
                 else:
                     # queue.unbind has no nowait in AMQP 0-9-1; it also confirms the binds sent before it.
-                    await channel.queue_unbind(self.queue_name, self.exchange_name, routing_key=key)
+                    await conn.rpc(CONTROL, commands.Queue.Unbind(
+                        queue=self.queue_name, exchange=self.exchange_name, routing_key=key))
                     last_was_nowait = False
             if last_was_nowait:
-                await channel.queue_declare(self.queue_name, passive=True)
+                await conn.rpc(CONTROL, commands.Queue.Declare(queue=self.queue_name, passive=True))
         if epoch != self._epoch:
             # Confirmed, but the connection (and with it an exclusive queue's bindings) was lost meanwhile
             # and the loss was noticed before we resumed: do it again.
@@ -499,19 +520,26 @@ class AmqpBus:
 
     # --- consuming --------------------------------------------------------------------------------------
 
-    async def _on_message(self, message: AbstractIncomingMessage) -> None:
-        # Runs as one task per delivery, created in delivery order; the handler is called before the first
-        # await, so handler calls keep the queue's order.
-        try:
-            events = decode_events(message.body)
-        except EventDecodeError as exc:
-            self.poison_messages += 1
-            sender = (message.headers or {}).get(EVENT_BUS_ID_HEADER)
-            log.warning("rejected a message that is not a StateChangeEvent (routing key %r, eventBusId %r, "
-                        "%d bytes, starts %r): %s", message.routing_key, sender, len(message.body),
-                        message.body[:120], exc)
-            await _settle(message.reject(requeue=False))
-            return
+    def _on_deliveries(self, conn: AmqpConnection, batch: list[Delivery]) -> None:
+        """Everything one socket read completed: decode, one handler call, then one write that settles it."""
+        events: list[StateChangeEvent] = []
+        poison: list[Delivery] = []
+        last_good = 0
+        for delivery in batch:
+            try:
+                decoded = decode_body(delivery.body)
+            except EventDecodeError as exc:
+                poison.append(delivery)
+                self._log_poison(delivery, exc)
+                continue
+            if isinstance(decoded, list):
+                events += decoded
+            else:
+                events.append(decoded)  # one object: the usual James body
+            last_good = delivery.delivery_tag
+        self.received_messages += len(batch)
+        self.consumed_batches += 1
+        self.poison_messages += len(poison)
         self.received_events += len(events)
         handler = self._handler
         if handler is not None and events:  # `[]` is a valid body that says nothing
@@ -520,16 +548,22 @@ class AmqpBus:
             except Exception:
                 # The contract says the handler does not fail; if it does, redelivery would not help.
                 log.exception("the event handler failed")
-        await _settle(message.ack())
+        # Rejects before the ack: a multiple ack covers only tags still outstanding when the broker reads it.
+        frames = [wire.reject(CONSUMING, d.delivery_tag, requeue=False) for d in poison]
+        if last_good:
+            frames.append(wire.ack(CONSUMING, last_good, multiple=True))
+        try:
+            conn.write(frames[0] if len(frames) == 1 else b"".join(frames))
+        except Unavailable as exc:
+            # The connection is going: the broker requeues what we did not settle (or drops it with the
+            # exclusive queue, a gap that the reconnection's on_gap covers).
+            log.debug("could not settle %d deliveries: %s", len(batch), exc)
 
-
-async def _settle(ack: Any) -> None:
-    try:
-        await ack
-    except Exception as exc:
-        # The channel died after delivery: the broker requeues the message (or dropped it with the queue,
-        # a gap that the reconnection's on_gap covers).
-        log.debug("could not settle a delivery: %r", exc)
+    def _log_poison(self, delivery: Delivery, exc: EventDecodeError) -> None:
+        sender = delivery.headers.get(EVENT_BUS_ID_HEADER)
+        log.warning("rejected a message that is not a StateChangeEvent (routing key %r, eventBusId %r, "
+                    "%d bytes, starts %r): %s", delivery.routing_key, sender, len(delivery.body),
+                    delivery.body[:120], exc)
 
 
 def _being_cancelled() -> bool:

@@ -6,8 +6,13 @@ Contract (every adapter documents how it meets it):
   events and `unsubscribe(u)` after the last such session has gone; calls are not counted by the bus, the hub
   keeps the reference count. An adapter may delay the real unbind to absorb reconnects.
 - Delivery: `handler(events)` is called on the event loop thread, synchronously, with events in the order the
-  bus received them; events of one username keep their publish order. The handler never awaits and does not fail
-  (the hub takes the events or drops them for lack of subscribers).
+  bus received them; events of one username keep their publish order. One call may carry many events of many
+  usernames (RabbitMQ: every event one socket read brought), so the hub can merge per account what arrived
+  together. The handler never awaits and does not fail (the hub takes the events or drops them for lack of
+  subscribers).
+- At least once: a bus that takes events from a broker acknowledges them only after the handler has returned,
+  so none is lost between broker and hub. A connection lost in between means a redelivery (a repeated state,
+  harmless to clients) or a gap (below).
 - A bus may lose events while it is disconnected (a gap). It then calls `on_gap()` once it is back, and the hub
   re-sends every push-enabled session what it may have missed, from the current states. A bus that knows whose
   events it may have lost (one upstream event stream was down) says so: `on_gap(usernames)`, and only their

@@ -10,14 +10,14 @@ Unknown type names inside `typeStates` are kept as they are (custom data types e
 from __future__ import annotations
 
 import uuid
-from typing import Any
+from typing import Annotated, Any, Final, Literal
 
 import msgspec
 
 from gateway import native
 from gateway.errors import GatewayError
 
-STATE_CHANGE_EVENT = "org.apache.james.jmap.change.StateChangeEvent"
+STATE_CHANGE_EVENT: Final = "org.apache.james.jmap.change.StateChangeEvent"
 
 _LEGACY_FIELDS = {
     "mailboxState": "Mailbox",
@@ -28,21 +28,29 @@ _LEGACY_FIELDS = {
 
 
 class StateChangeEvent(msgspec.Struct, frozen=True, gc=False):
-    """One account's new states: `username` owns the account; `typeStates` maps type name -> state."""
+    """One account's new states: `username` owns the account; `typeStates` maps type name -> state.
 
-    username: str
+    Bodies decode straight into it, and the constraints below are checked by msgspec while it decodes: a
+    `type` other than James's, or an empty `username`, fails the decode (a body without `type` is taken as a
+    StateChangeEvent: it has no other reading). `eventId` stays empty when the body has none; `encode_events`
+    gives such events a fresh one, because James's nodes need it.
+    """
+
+    username: Annotated[str, msgspec.Meta(min_length=1)]
     typeStates: dict[str, str]
     eventId: str = ""
-    type: str = STATE_CHANGE_EVENT
+    type: Literal["org.apache.james.jmap.change.StateChangeEvent"] = STATE_CHANGE_EVENT
 
 
 class EventDecodeError(GatewayError):
     """The body is not a StateChangeEvent or an array of them (a poison message)."""
 
 
-class _WireEvent(msgspec.Struct):
-    type: str
-    username: str
+class _LegacyEvent(msgspec.Struct):
+    """Older James versions: one field per type instead of `typeStates` (read only when `typeStates` is absent)."""
+
+    username: Annotated[str, msgspec.Meta(min_length=1)]
+    type: Literal["org.apache.james.jmap.change.StateChangeEvent"] = STATE_CHANGE_EVENT
     eventId: str = ""
     typeStates: dict[str, str] | None = None
     mailboxState: str | None = None
@@ -51,38 +59,54 @@ class _WireEvent(msgspec.Struct):
     emailDeliveryState: str | None = None
 
 
-_decoder = msgspec.json.Decoder(_WireEvent | list[_WireEvent])
-_line_decoder = msgspec.json.Decoder(_WireEvent | list[_WireEvent])
+_decoder = msgspec.json.Decoder(StateChangeEvent | list[StateChangeEvent])
+_legacy_decoder = msgspec.json.Decoder(_LegacyEvent | list[_LegacyEvent])
 _checks = native.load("_coalesce")  # json_too_deep, compiled when built
+# Events nest 3 deep; msgspec skips unknown members recursively, so a deeper body is refused unread (a hostile
+# one would otherwise reach the interpreter's recursion limit inside the decoder).
 MAX_DEPTH = 16
 _encoder = msgspec.json.Encoder()
 
 
-def _from_wire(w: _WireEvent) -> StateChangeEvent:
-    if w.type != STATE_CHANGE_EVENT:
-        raise EventDecodeError(f"unknown event type {w.type!r}")
-    if not w.username:
-        raise EventDecodeError("empty username")
-    states: dict[str, str] = dict(w.typeStates) if w.typeStates is not None else {}
-    if w.typeStates is None:
-        for field, type_name in _LEGACY_FIELDS.items():
-            value = getattr(w, field)
-            if value is not None:
-                states[type_name] = value
-    return StateChangeEvent(username=w.username, typeStates=states, eventId=w.eventId or str(uuid.uuid4()))
+def _from_legacy(w: _LegacyEvent) -> StateChangeEvent:
+    if w.typeStates is not None:
+        return StateChangeEvent(username=w.username, typeStates=w.typeStates, eventId=w.eventId)
+    states: dict[str, str] = {}
+    for field, type_name in _LEGACY_FIELDS.items():
+        value = getattr(w, field)
+        if value is not None:
+            states[type_name] = value
+    return StateChangeEvent(username=w.username, typeStates=states, eventId=w.eventId)
 
 
-def decode_events(body: bytes | bytearray | memoryview) -> list[StateChangeEvent]:
-    """Decode one event or an array of events; raise EventDecodeError for anything else."""
-    # Events nest 3 deep; the decoder skips unknown members recursively, so deeper is refused unread.
+def decode_body(body: bytes | bytearray | memoryview) -> StateChangeEvent | list[StateChangeEvent]:
+    """Decode one event (returned as it is) or an array of events; raise EventDecodeError for anything else.
+
+    The common body costs one msgspec decode into the Struct the hub takes; only a body that fails it (an
+    older James's fields, or not an event at all) is decoded a second time with the legacy fields.
+    """
     if _checks.json_too_deep(body, MAX_DEPTH):
         raise EventDecodeError(f"JSON nested deeper than {MAX_DEPTH} levels")
     try:
-        decoded: Any = _decoder.decode(body)
-    except (msgspec.DecodeError, msgspec.ValidationError, RecursionError) as exc:
+        decoded: StateChangeEvent | list[StateChangeEvent] = _decoder.decode(body)
+        return decoded
+    except msgspec.ValidationError:
+        pass  # JSON, but not this shape: perhaps an older James's fields
+    except msgspec.DecodeError as exc:
+        raise EventDecodeError(str(exc)) from None  # not JSON: no second reading can help
+    try:
+        legacy: Any = _legacy_decoder.decode(body)
+    except (msgspec.DecodeError, msgspec.ValidationError) as exc:
         raise EventDecodeError(str(exc)) from None
-    items = decoded if isinstance(decoded, list) else [decoded]
-    return [_from_wire(w) for w in items]
+    if isinstance(legacy, list):
+        return [_from_legacy(w) for w in legacy]
+    return _from_legacy(legacy)
+
+
+def decode_events(body: bytes | bytearray | memoryview) -> list[StateChangeEvent]:
+    """Decode one event or an array of events into a list; raise EventDecodeError for anything else."""
+    decoded = decode_body(body)
+    return decoded if isinstance(decoded, list) else [decoded]
 
 
 def decode_event_lines(body: bytes | bytearray | memoryview) -> list[StateChangeEvent]:
@@ -91,19 +115,31 @@ def decode_event_lines(body: bytes | bytearray | memoryview) -> list[StateChange
     if _checks.json_too_deep(body, MAX_DEPTH):
         raise EventDecodeError(f"JSON nested deeper than {MAX_DEPTH} levels")
     try:
-        decoded: list[Any] = _line_decoder.decode_lines(body)
-    except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+        decoded: list[Any] = _decoder.decode_lines(body)
+    except msgspec.ValidationError:
+        try:
+            decoded = [_legacy(item) for item in _legacy_decoder.decode_lines(body)]
+        except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+            raise EventDecodeError(str(exc)) from None
+    except msgspec.DecodeError as exc:
         raise EventDecodeError(str(exc)) from None
     out: list[StateChangeEvent] = []
     for item in decoded:
         if isinstance(item, list):
-            out.extend(_from_wire(w) for w in item)
+            out.extend(item)
         else:
-            out.append(_from_wire(item))
+            out.append(item)
     return out
 
 
+def _legacy(item: _LegacyEvent | list[_LegacyEvent]) -> StateChangeEvent | list[StateChangeEvent]:
+    return [_from_legacy(w) for w in item] if isinstance(item, list) else _from_legacy(item)
+
+
 def encode_events(events: list[StateChangeEvent]) -> bytes:
+    """One event as an object, several as an array (James reads both); events without an eventId get one."""
+    if not all(e.eventId for e in events):
+        events = [e if e.eventId else msgspec.structs.replace(e, eventId=str(uuid.uuid4())) for e in events]
     return _encoder.encode(events[0] if len(events) == 1 else events)
 
 

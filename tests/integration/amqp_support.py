@@ -119,10 +119,13 @@ def free_port() -> int:
 
 
 class SeverableProxy:
-    """A TCP relay between a client and the broker that can cut every connection and refuse new ones.
+    """A TCP relay between a client and the broker that can cut every connection and refuse new ones, and hold
+    back what the broker sends.
 
     `sever()` aborts both sides of every relayed connection (the broker sees its client vanish and drops the
-    exclusive queue) and closes new connections at once until `restore()`.
+    exclusive queue) and closes new connections at once until `restore()`. `hold()` keeps every byte from the
+    broker in the proxy (`held()` shows them) until `release()` writes them to the client in one write, so
+    that the client reads many deliveries at once; `sever()` while holding drops them.
     """
 
     def __init__(self, target_host: str, target_port: int) -> None:
@@ -132,6 +135,8 @@ class SeverableProxy:
         self._tasks: set[asyncio.Task[None]] = set()
         self.refusing = False
         self.port = 0
+        self._holding = False
+        self._held: list[tuple[asyncio.StreamWriter, bytearray]] = []
 
     @classmethod
     def to_broker(cls) -> SeverableProxy:
@@ -156,14 +161,22 @@ class SeverableProxy:
             _abort(writer)
             return
         self._writers.update((writer, up_writer))
-        for src, dst in ((reader, up_writer), (up_reader, writer)):
-            task = asyncio.create_task(self._pipe(src, dst))
+        for src, dst, from_broker in ((reader, up_writer, False), (up_reader, writer, True)):
+            task = asyncio.create_task(self._pipe(src, dst, from_broker))
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
 
-    async def _pipe(self, src: asyncio.StreamReader, dst: asyncio.StreamWriter) -> None:
+    async def _pipe(self, src: asyncio.StreamReader, dst: asyncio.StreamWriter, from_broker: bool) -> None:
         try:
             while data := await src.read(65536):
+                if from_broker and self._holding:
+                    for held_dst, buf in self._held:
+                        if held_dst is dst:
+                            buf += data
+                            break
+                    else:
+                        self._held.append((dst, bytearray(data)))
+                    continue
                 dst.write(data)
                 await dst.drain()
         except (OSError, asyncio.IncompleteReadError):
@@ -172,7 +185,23 @@ class SeverableProxy:
             _abort(dst)
             self._writers.discard(dst)
 
+    def hold(self) -> None:
+        self._holding = True
+
+    def held(self) -> bytes:
+        """Everything held back so far, of every connection."""
+        return b"".join(bytes(buf) for _, buf in self._held)
+
+    def release(self) -> None:
+        self._holding = False
+        held, self._held = self._held, []
+        for dst, buf in held:
+            if not dst.is_closing():  # its connection may have gone meanwhile
+                dst.write(bytes(buf))
+
     def sever(self) -> None:
+        self._holding = False
+        self._held.clear()
         self.refusing = True
         for writer in list(self._writers):
             _abort(writer)
@@ -205,6 +234,73 @@ class SilentServer:
 
     async def _on_client(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self._writers.append(writer)
+
+    async def close(self) -> None:
+        for writer in self._writers:
+            _abort(writer)
+        if self._server is not None:
+            self._server.close()
+            await self._server.wait_closed()
+
+
+class TlsRelay:
+    """A TLS server in front of the broker's plain port (what a broker with a TLS listener looks like to a
+    client), with a throwaway self-signed certificate for 127.0.0.1 written to `cafile`."""
+
+    def __init__(self, cafile: str) -> None:
+        self.cafile = cafile
+        self._server: asyncio.Server | None = None
+        self._writers: list[asyncio.StreamWriter] = []
+        self.port = 0
+
+    async def start(self) -> None:
+        import datetime
+        import ipaddress
+        import ssl
+
+        from cryptography import x509
+        from cryptography.hazmat.primitives import hashes, serialization
+        from cryptography.hazmat.primitives.asymmetric import ec
+        from cryptography.x509.oid import NameOID
+
+        key = ec.generate_private_key(ec.SECP256R1())
+        name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")])
+        now = datetime.datetime.now(datetime.UTC)
+        cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
+                .serial_number(x509.random_serial_number()).not_valid_before(now - datetime.timedelta(minutes=5))
+                .not_valid_after(now + datetime.timedelta(hours=1))
+                .add_extension(x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
+                               critical=False)
+                .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+                .sign(key, hashes.SHA256()))
+        pem = cert.public_bytes(serialization.Encoding.PEM)
+        with open(self.cafile, "wb") as fh:
+            fh.write(pem)
+        keyfile = self.cafile + ".key"
+        with open(keyfile, "wb") as fh:
+            fh.write(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                       serialization.NoEncryption()))
+        context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        context.load_cert_chain(self.cafile, keyfile)
+        self._server = await asyncio.start_server(self._on_client, "127.0.0.1", 0, ssl=context)
+        self.port = self._server.sockets[0].getsockname()[1]
+
+    def url(self, query: str) -> str:
+        return str(URL(BROKER_URL).with_scheme("amqps").with_host("127.0.0.1").with_port(self.port)) + query
+
+    async def _on_client(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        url = URL(BROKER_URL)
+        up_reader, up_writer = await asyncio.open_connection(url.host or "127.0.0.1", url.port or 5672)
+        self._writers += [writer, up_writer]
+
+        async def pipe(src: asyncio.StreamReader, dst: asyncio.StreamWriter) -> None:
+            with contextlib.suppress(OSError, ConnectionError):
+                while data := await src.read(65536):
+                    dst.write(data)
+                    await dst.drain()
+            _abort(dst)
+
+        await asyncio.gather(pipe(reader, up_writer), pipe(up_reader, writer))
 
     async def close(self) -> None:
         for writer in self._writers:

@@ -17,6 +17,7 @@ from typing import Any
 import aio_pika
 import pytest
 from aio_pika.abc import AbstractIncomingMessage, AbstractRobustConnection
+from yarl import URL
 
 from gateway.bus.amqp import AmqpBus, BusUnavailableError, routing_key
 from gateway.bus.events import STATE_CHANGE_EVENT, StateChangeEvent, new_event
@@ -24,6 +25,7 @@ from gateway.config import Settings
 from tests.integration.amqp_support import (
     SeverableProxy,
     SilentServer,
+    TlsRelay,
     bindings_of,
     connection_names,
     eventually,
@@ -244,6 +246,92 @@ async def test_poison_messages_are_rejected_counted_and_consumption_goes_on(
     assert bus.poison_messages == len(POISON)
 
 
+# --- batches --------------------------------------------------------------------------------------------
+
+def _good(n: int) -> bytes:
+    return json.dumps({"type": STATE_CHANGE_EVENT, "eventId": f"good-{n}", "username": BOB,
+                       "typeStates": {"Email": f"s{n}"}}).encode()
+
+
+@pytest.mark.parametrize("plan", [
+    "gpggpgp",  # poison between good ones and last: the multiple ack must not cover a rejected tag
+    "pg",  # poison first
+    "ppp",  # nothing to acknowledge, only rejects
+    "gggggggggg",
+])
+async def test_a_batch_is_one_handler_call_and_poison_in_it_is_rejected(
+        make_bus: BusFactory, james: James, plan: str) -> None:
+    require_rabbitmqctl()
+    proxy = SeverableProxy.to_broker()
+    await proxy.start()
+    bus, rec = await make_bus(url=proxy.url(), subscribe=[BOB])
+    try:
+        await bound(bus, BOB)
+        batches = bus.consumed_batches
+        # Hold what the broker sends until every message is in the proxy, then hand it over in one write:
+        # the node reads all of them at once.
+        proxy.hold()
+        expected = []
+        body = b""
+        for n, kind in enumerate(plan):
+            body = _good(n) if kind == "g" else b"poison %d" % n
+            await james.publish_raw(BOB, body)
+            if kind == "g":
+                expected.append(f"good-{n}")
+        # The last body frame complete (its frame-end octet included) means every frame before it is there.
+        last_frame_end = body + b"\xce"
+        await eventually(lambda: last_frame_end in proxy.held(), what="every delivery in the proxy")
+        assert proxy.held().count(routing_key(BOB).encode()) == len(plan)  # once per basic.deliver
+        proxy.release()
+        await eventually(lambda: bus.received_messages == len(plan), what="every message consumed")
+        # One read, one handler call, the good events in publish order, the poison ones not among them.
+        assert bus.consumed_batches - batches == 1
+        assert [e.eventId for e in rec.events] == expected
+        assert len(rec.batches) == (1 if expected else 0)
+        assert bus.poison_messages == plan.count("p")
+        # Everything was settled: acknowledged or rejected, nothing ready or unacknowledged (or requeued).
+        await eventually_async(lambda: _queue_settled(bus.queue_name), what="the queue settled")
+        # And the channel is fine: an ack of a rejected tag (or a reject of an acknowledged one) would have
+        # been a channel error, closing the connection (a reconnection and a gap).
+        marker = await james.publish(BOB, {"Email": "marker"})
+        await rec.until_event(marker)
+        assert (bus.reconnects, rec.gaps, bus.ready) == (0, 0, True)
+    finally:
+        await bus.stop()
+        await proxy.close()
+
+
+async def _queue_settled(name: str) -> bool:
+    info = (await queues())[name]
+    return (info["messages_ready"], info["messages_unacknowledged"]) == (0, 0)
+
+
+async def test_deliveries_lost_in_flight_are_delivered_again_on_a_quorum_queue(make_bus: BusFactory,
+                                                                              james: James) -> None:
+    # At least once: the broker delivered, the node never read them (the connection died in between), so
+    # nothing was acknowledged and the queue, which outlives the connection, hands them out again.
+    require_rabbitmqctl()
+    proxy = SeverableProxy.to_broker()
+    await proxy.start()
+    bus, rec = await make_bus(url=proxy.url(), subscribe=[BOB], amqp_queue_type="quorum")
+    try:
+        await bound(bus, BOB)
+        proxy.hold()
+        ids = [await james.publish(BOB, {"Email": f"in-flight-{i}"}) for i in range(5)]
+        key = routing_key(BOB).encode()
+        await eventually(lambda: proxy.held().count(key) == len(ids), what="the deliveries in the proxy")
+        proxy.sever()  # drops what it held: the node never saw them
+        await eventually(lambda: not bus.ready, what="the cut noticed")
+        assert rec.events == []
+        proxy.restore()
+        await rec.until(lambda r: set(ids) <= set(r.ids()), timeout=20)
+        assert rec.ids() == ids  # redelivered, in order, once each
+        await rec.until(lambda r: r.gaps == 1, timeout=20)
+    finally:
+        await bus.stop()
+        await proxy.close()
+
+
 # --- bindings -------------------------------------------------------------------------------------------
 
 async def test_event_for_unsubscribed_username_is_not_delivered(make_bus: BusFactory, james: James,
@@ -427,7 +515,8 @@ async def _queue_gone(name: str) -> bool:
 
 
 @pytest.mark.parametrize("queue_type", ["classic", "quorum"])
-async def test_queue_lifetime_and_type(make_bus: BusFactory, james: James, queue_type: str) -> None:
+async def test_queue_lifetime_and_type(make_bus: BusFactory, james: James, queue_type: str,
+                                      caplog: pytest.LogCaptureFixture) -> None:
     require_rabbitmqctl()
     bus, rec = await make_bus(subscribe=[BOB], amqp_queue_type=queue_type)
     info = (await queues())[bus.queue_name]
@@ -445,13 +534,81 @@ async def test_queue_lifetime_and_type(make_bus: BusFactory, james: James, queue
     event = await james.publish(BOB, {"Email": "q"})
     await rec.until_event(event)
 
-    await bus.stop()
+    with caplog.at_level(logging.WARNING, logger="gateway.bus"):
+        await bus.stop()
+    assert [r.getMessage() for r in caplog.records if r.name.startswith("gateway.bus")] == []  # a clean close
     assert not bus.ready
     assert bus.queue_name not in await queues()
     # A passive declare confirms it from the protocol side too.
     channel = await james.conn.channel()
     with pytest.raises(aio_pika.exceptions.ChannelNotFoundEntity):
         await channel.declare_queue(bus.queue_name, passive=True)
+
+
+@pytest.mark.parametrize("what", ["exchange", "queue"])
+async def test_the_broker_breaking_a_channel_or_the_consumer_means_a_new_connection(
+        make_bus: BusFactory, james: James, exchange_name: str, what: str) -> None:
+    # A channel error (a bind to an exchange deleted under us) or a consumer cancelled by the broker (our
+    # queue deleted) leaves the node's state unknown: it sets everything up again, as after a connection loss.
+    require_rabbitmqctl()
+    bus, rec = await make_bus(subscribe=[BOB])
+    await bound(bus, BOB)
+    if what == "exchange":
+        channel = await james.conn.channel()
+        await channel.exchange_delete(exchange_name)
+        bus.subscribe(ALICE)  # the bind fails: NOT_FOUND closes the control channel
+    else:
+        proc = await asyncio.create_subprocess_exec("rabbitmqctl", "-q", "delete_queue", bus.queue_name,
+                                                    stdout=asyncio.subprocess.DEVNULL)
+        assert await proc.wait() == 0
+    await eventually(lambda: bus.reconnects == 1 and bus.ready, timeout=20, what="a new connection, ready")
+    assert rec.gaps == 1
+    # The exchange was declared again with the new connection, every wanted username bound on it.
+    wanted = {BOB, ALICE} if what == "exchange" else {BOB}
+    assert bus.bound_usernames() == wanted
+    assert await bindings_of(exchange_name) == {(routing_key(u), bus.queue_name) for u in wanted}
+    event = await james.publish(BOB, {"Email": "after"})
+    await rec.until_event(event)
+
+
+async def test_a_broker_gone_silent_is_noticed_by_missed_heartbeats(make_bus: BusFactory, james: James) -> None:
+    # The TCP connection stays up, but nothing comes from the broker any more (a hung broker, a black hole):
+    # after two heartbeat intervals without a frame the node drops the connection and starts over.
+    proxy = SeverableProxy.to_broker()
+    await proxy.start()
+    bus, rec = await make_bus(url=proxy.url(), subscribe=[BOB], amqp_heartbeat=1)
+    try:
+        await bound(bus, BOB)
+        proxy.hold()
+        await eventually(lambda: not bus.ready, timeout=10, what="the silence noticed")
+        proxy.release()
+        await eventually(lambda: bus.ready, timeout=15, what="ready again on a new connection")
+        assert (bus.reconnects, rec.gaps) == (1, 1)
+        event = await james.publish(BOB, {"Email": "after"})
+        await rec.until_event(event)
+    finally:
+        await bus.stop()
+        await proxy.close()
+
+
+async def test_amqps_verifies_the_broker_with_the_cafile_of_the_url(make_bus: BusFactory, james: James,
+                                                                    tmp_path: Any) -> None:
+    relay = TlsRelay(str(tmp_path / "ca.pem"))
+    await relay.start()
+    try:
+        # Not trusted by default: the certificate is self-signed.
+        with pytest.raises(BusUnavailableError, match="CERTIFICATE_VERIFY_FAILED"):
+            await make_bus(url=relay.url(""), start_timeout=5)
+        bus, rec = await make_bus(url=relay.url(f"?cafile={relay.cafile}"), subscribe=[BOB])
+        await bound(bus, BOB)
+        event = await james.publish(BOB, {"Email": "over tls"})
+        await rec.until_event(event)
+        insecure, _ = await make_bus(url=relay.url("?no_verify_ssl=1"))
+        assert insecure.ready
+        for node in (bus, insecure):
+            await node.stop()  # while the relay still carries their connections
+    finally:
+        await relay.close()
 
 
 async def test_start_fails_fast_when_nothing_listens(make_bus: BusFactory) -> None:
@@ -461,6 +618,17 @@ async def test_start_fails_fast_when_nothing_listens(make_bus: BusFactory) -> No
         await make_bus(url=url, start_timeout=5)
     assert time.monotonic() - started < 5
     assert "secret" not in str(info.value)
+
+
+async def test_start_fails_with_the_brokers_reason_for_bad_credentials_or_vhost(make_bus: BusFactory,
+                                                                              broker_url: str) -> None:
+    wrong_password = str(URL(broker_url).with_password("not-the-password"))
+    with pytest.raises(BusUnavailableError, match="ACCESS_REFUSED") as info:
+        await make_bus(url=wrong_password, start_timeout=5)
+    assert "not-the-password" not in str(info.value)
+    no_such_vhost = str(URL(broker_url).with_path("/no-such-vhost"))
+    with pytest.raises(BusUnavailableError, match="no-such-vhost"):
+        await make_bus(url=no_such_vhost, start_timeout=5)
 
 
 async def test_start_gives_up_after_the_timeout_when_the_broker_hangs(make_bus: BusFactory) -> None:
