@@ -105,7 +105,6 @@ class UpstreamClient:
                                                       sock_read=settings.upstream_timeout)
         self.sessions = SessionCache(self.fetch_session, settings.auth_cache_ttl)
         self._http: aiohttp.ClientSession | None = None
-        self._warned: set[str] = set()  # accountIds logged as not SHA-256 of their owner
         self.requests = 0
         self.unavailable = 0
         # Called when the upstream rejects a socket's credentials on a request (the recheck wakes up for it).
@@ -149,7 +148,7 @@ class UpstreamClient:
         except (aiohttp.ClientError, TimeoutError) as exc:
             raise self.unreachable(exc) from None
         if status == 200:
-            return parse_session(body, final_url, time.monotonic(), self._warned)
+            return parse_session(body, final_url, time.monotonic())
         if status == 401:
             raise UpstreamUnauthorized(challenge)
         if status == 403:

@@ -94,9 +94,8 @@ class UpstreamSession(msgspec.Struct, frozen=True, gc=False):
     fetched_at: float  # time.monotonic() of the fetch
 
 
-def parse_session(body: bytes, session_url: str, now: float, warned: set[str] | None = None) -> UpstreamSession:
-    """Parse the upstream's Session object; UpstreamUnavailable when it is not one. `warned` holds the accountIds
-    already logged as not following James's rule (each is logged once)."""
+def parse_session(body: bytes, session_url: str, now: float) -> UpstreamSession:
+    """Parse the upstream's Session object; UpstreamUnavailable when it is not one."""
     try:
         raw = msgspec.json.decode(body)
         parsed = msgspec.convert(raw, _Session)
@@ -111,14 +110,9 @@ def parse_session(body: bytes, session_url: str, now: float, warned: set[str] | 
     account_caps: dict[str, frozenset[str]] = {}
     for account_id, acc in parsed.accounts.items():
         # James names every account by its owner's username (DESIGN.md §5), the name its events carry; the
-        # user's own account is theirs whatever it is called.
+        # user's own account is theirs whatever it is called. The hub maps events to accounts by that owner, so
+        # the ids may follow any scheme (James's SHA-256 of the username, Cyrus's username, ...).
         owner = parsed.username if acc.isPersonal else acc.name
-        if account_id != account_id_for(owner) and (warned is None or account_id not in warned):
-            # The hub keys pushes by SHA-256(username) (James's rule): such an account would get none.
-            if warned is not None:
-                warned.add(account_id)
-            log.warning("upstream account %s (%r) is not SHA-256 of its owner's name: no pushes for it",
-                        account_id, owner)
         accounts.append(Account(account_id, acc.name, owner, acc.isPersonal))
         account_caps[account_id] = frozenset(acc.accountCapabilities)
     # The user's own account first, as the embedded directory orders them.
