@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import hmac
-import logging
 import secrets
 import time
 from collections.abc import Awaitable, Callable
@@ -23,8 +22,6 @@ import msgspec
 from gateway.directory import Account, Principal, account_id_for
 from gateway.errors import Forbidden, Unauthorized, Unavailable
 from gateway.jmap.types import CORE
-
-log = logging.getLogger(__name__)
 
 
 # --- what the upstream can answer (gateway.errors maps each to its wire answer) ------------------------------
