@@ -23,7 +23,6 @@ from gateway.directory import Account, Principal, account_id_for
 from gateway.errors import Forbidden, Unauthorized, Unavailable
 from gateway.jmap.types import CORE
 
-
 # --- what the upstream can answer (gateway.errors maps each to its wire answer) ------------------------------
 
 class UpstreamUnauthorized(Unauthorized):
