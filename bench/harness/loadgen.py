@@ -42,7 +42,7 @@ SYNC = (b'{"@type":"Request","id":"sync","using":["urn:ietf:params:jmap:core"],'
 class Tally:
     """What one tag (system/label) received since the last reset."""
 
-    __slots__ = ("bytes", "count", "lat", "other")
+    __slots__ = ("bytes", "count", "lat", "merged", "other")
 
     def __init__(self) -> None:
         self.clear()
@@ -53,6 +53,7 @@ class Tally:
         self.count = 0
         self.bytes = 0
         self.other = 0  # messages without a stamp (e.g. the gateway's resume pushes)
+        self.merged = 0  # events superseded by a newer state in the same push (counted in `count` too)
 
 
 class Worker:
@@ -199,7 +200,7 @@ class Worker:
                 c.got = 0
 
     def stats(self, touched: bool) -> dict[str, Any]:
-        out: dict[str, Any] = {tag: {"count": t.count, "bytes": t.bytes, "other": t.other}
+        out: dict[str, Any] = {tag: {"count": t.count, "bytes": t.bytes, "other": t.other, "merged": t.merged}
                                for tag, t in self.tallies.items()}
         if touched:
             # Clients that received at least one message since the reset (readiness after a warm-up).
@@ -228,7 +229,7 @@ class Worker:
                 values, counts = np.unique(np.minimum(us, 120_000_000), return_counts=True)
                 for v, n in zip(values.tolist(), counts.tolist(), strict=True):
                     hist.record_value(v, n)
-            out[tag] = {"count": t.count, "bytes": t.bytes, "other": t.other,
+            out[tag] = {"count": t.count, "bytes": t.bytes, "other": t.other, "merged": t.merged,
                         "hist": base64.b64encode(hist.encode()).decode() if t.count else None}
         return out
 
@@ -290,7 +291,7 @@ class Worker:
 
 
 class Client(WSListener):  # type: ignore[misc]
-    __slots__ = ("got", "group", "slow", "sync", "tag", "tally", "transport", "worker")
+    __slots__ = ("got", "group", "last_n", "slow", "sync", "tag", "tally", "transport", "worker")
 
     def __init__(self, worker: Worker, tag: str, group: str, slow: bool) -> None:
         self.worker = worker
@@ -301,6 +302,7 @@ class Client(WSListener):  # type: ignore[misc]
         self.transport: WSTransport | None = None
         self.sync: asyncio.Future[None] | None = None
         self.got = 0
+        self.last_n = 0  # the newest per-account event number seen (open-loop stamps)
 
     def on_ws_connected(self, transport: WSTransport) -> None:
         self.transport = transport
@@ -333,23 +335,48 @@ class Client(WSListener):  # type: ignore[misc]
 
 def record(client: Client | SseClient, payload: bytes, now: int) -> bool:
     """Account one pushed StateChange (its latency, and the group's completion of its seq); False when it carries
-    no stamp."""
+    no stamp.
+
+    The state is "t<publish ns>-<seq>", and in open-loop steps "t<publish ns>-<seq>-<n>-<previous ns>": n numbers
+    the events sent to this account, <previous ns> is when event n - 1 was published. A push is state, not a
+    message log: a server may merge several events for one account into one StateChange with the newest state
+    (the gateway does within one bus batch, RFC 8887 §4.3.5). The events it carries implicitly (n jumped by more
+    than one) count as delivered, with latency measured from <previous ns> (exact for one merged event; for more,
+    from the newest of them, an underestimate bounded by the batch's span) and are tallied as `merged`. The
+    publisher spreads events over several connections, so one may overtake another: an older state arriving after
+    a newer one was credited with it and is not counted again."""
     i = payload.find(_STAMP, payload.find(_CHANGED))
     if i < 0:
         return False
-    # The state is "t<publish ns>-<seq>": account ids are hex and type names capitalised, so the first
-    # ':"t' after "changed" is a state.
+    # Account ids are hex and type names capitalised, so the first ':"t' after "changed" is a state.
     j = payload.find(b"-", i)
     k = payload.find(b'"', j)
     sent = int(payload[i + 3:j])
+    rest = payload[j + 1:k].split(b"-")
     t = client.tally
-    t.lat.append(now - sent)
-    t.count += 1
     t.bytes += len(payload)
     client.got += 1
+    if len(rest) != 3:
+        t.lat.append(now - sent)
+        t.count += 1
+    else:
+        n = int(rest[1])
+        if n > client.last_n:
+            t.lat.append(now - sent)
+            t.count += 1
+            skipped = n - client.last_n - 1
+            if skipped:
+                t.merged += skipped
+                t.count += skipped
+                lat = now - int(rest[2])
+                for _ in range(skipped):
+                    t.lat.append(lat)
+            client.last_n = n
+        # else: an older state after a newer one (the publisher's connections raced): the newer one has already
+        # told the client everything, and this event was credited then.
     w = client.worker
     if w.notify:
-        seq = int(payload[j + 1:k])
+        seq = int(rest[0])
         entry = w.per_seq.get(seq)
         if entry is None:
             entry = w.per_seq[seq] = [0, 0]
@@ -394,7 +421,8 @@ class SseClient(asyncio.Protocol):
     WebSocket client accounts its frames (the same stamp in the state). No event-source library: a plain protocol
     keeps the receive path as cheap as the WebSocket client's, for a fair comparison."""
 
-    __slots__ = ("_buf", "_head", "got", "group", "head_done", "slow", "tag", "tally", "transport", "worker")
+    __slots__ = ("_buf", "_head", "got", "group", "head_done", "last_n", "slow", "tag", "tally", "transport",
+                 "worker")
 
     def __init__(self, worker: Worker, tag: str, group: str, slow: bool, request: bytes) -> None:
         self.worker = worker
@@ -404,6 +432,7 @@ class SseClient(asyncio.Protocol):
         self.tally = worker.tally(tag)
         self.transport: _SseTransport | None = None
         self.got = 0
+        self.last_n = 0  # the newest per-account event number seen (open-loop stamps)
         self._head = request
         self._buf = b""
         self.head_done: asyncio.Future[None] = asyncio.get_running_loop().create_future()

@@ -186,6 +186,7 @@ class System:
         self._log: IO[bytes] | None = None
         self._pids: list[int] = []
         self.pad = 0  # pushState length of the peers' bodies, to match the gateway's frame size
+        self.events_to: dict[str, tuple[int, int]] = {}  # user -> (open-loop events sent, last publish ns)
 
     # contract -------------------------------------------------------------------------------------------
 
