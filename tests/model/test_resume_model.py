@@ -264,7 +264,10 @@ class ResumeModel(RuleBasedStateMachine):
         else:
             ResumeModel.resumes += 1
             if mode == "garbage":
-                d.in_step |= {(acc, t) for acc in accounts for t in UNREADABLE}
+                # The full current state of the types asked for, and only those: a device that asked for none
+                # (or not for EmailDelivery) learns nothing about the others, and a later resume with an older
+                # pushState rightly sends only what moved since that one.
+                d.in_step |= {(acc, t) for acc in accounts for t in UNREADABLE if t in covered}
         self._converge(d)
         if mode == "token":
             event("resume pushed what was missed" if d.pushed else "resume: nothing was missed")
