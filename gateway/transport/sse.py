@@ -9,7 +9,6 @@ WebSocket path's. The client sends nothing after its request; the body of the an
 from __future__ import annotations
 
 import asyncio
-import functools
 import logging
 import time
 from collections.abc import Callable
@@ -20,11 +19,11 @@ from gateway.auth import Authenticator
 from gateway.config import Settings
 from gateway.directory import Principal
 from gateway.errors import Forbidden, HTTPProblem, Unauthorized, Unavailable
-from gateway.eventstream import NEVER, StreamRequest, StreamState, parse_request, ping_event, response_head
+from gateway.eventstream import StreamRequest, StreamState, parse_request, ping_event, response_head
 from gateway.fanout.hub import EVENT_SOURCE, Hub
 from gateway.metrics import Metrics
 from gateway.transport.front import RequestHead
-from gateway.transport.timers import TimerWheel
+from gateway.transport.timers import Alarm, TimerWheel
 
 log = logging.getLogger(__name__)
 EVENT_SOURCE_PATHS = frozenset({"/jmap/eventsource/", "/jmap/eventsource"})
@@ -49,7 +48,7 @@ class _Writer:
 class SseConnection(asyncio.Protocol):
     """One event stream: an asyncio protocol on the connection after its request head."""
 
-    __slots__ = ("_timer_at", "principal", "request", "service", "state", "target", "transport")
+    __slots__ = ("_alarm", "principal", "request", "service", "state", "target", "transport")
 
     def __init__(self, service: EventSourceService, principal: Principal, request: StreamRequest,
                  transport: asyncio.Transport) -> None:
@@ -64,7 +63,7 @@ class SseConnection(asyncio.Protocol):
         self.state = StreamState(request.ping, now, expires_at=expires_at,
                                  slow_timeout=service.settings.slow_client_timeout)
         self.target: Any = service.broadcast.Target(_Writer(self), False)
-        self._timer_at = NEVER
+        self._alarm = Alarm(lambda: service.wheel, self._on_timer)
 
     # --- asyncio protocol -------------------------------------------------------------------------------------
 
@@ -117,15 +116,9 @@ class SseConnection(asyncio.Protocol):
         return self.state.closing or self.transport.is_closing()
 
     def _arm(self) -> None:
-        due = self.state.deadline
-        if due < self._timer_at:
-            self._timer_at = due
-            self.service.wheel.call_at(due, functools.partial(self._on_timer, due))
+        self._alarm.arm(self.state.deadline)
 
-    def _on_timer(self, when: float, now: float) -> None:
-        if when != self._timer_at:
-            return
-        self._timer_at = NEVER
+    def _on_timer(self, now: float) -> None:
         due = self.state.timer(now)
         if due == "ping":
             self.transport.write(ping_event(self.request.ping))

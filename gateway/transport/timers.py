@@ -8,6 +8,7 @@ active again) costs nothing until then.
 from __future__ import annotations
 
 import asyncio
+import functools
 import math
 from collections.abc import Callable
 
@@ -55,3 +56,29 @@ class TimerWheel:
         if self._handle is not None:
             self._handle.cancel()
         self._buckets.clear()
+
+
+class Alarm:
+    """One connection's single pending wake-up on a wheel, at the deadline its sans-I/O core reports.
+
+    `arm(due)` schedules only when `due` is earlier than the wake-up already pending; a wake-up that an earlier one
+    superseded is dropped when its bucket fires. A deadline that moved later costs nothing until then: the
+    connection re-arms after each wake-up."""
+
+    __slots__ = ("_at", "_fire", "_wheel")
+
+    def __init__(self, wheel: Callable[[], TimerWheel], fire: Callable[[float], None]) -> None:
+        self._wheel = wheel
+        self._fire = fire
+        self._at = math.inf
+
+    def arm(self, due: float) -> None:
+        if due < self._at:
+            self._at = due
+            self._wheel().call_at(due, functools.partial(self._ring, due))
+
+    def _ring(self, when: float, now: float) -> None:
+        if when != self._at:
+            return  # superseded by an earlier wake-up
+        self._at = math.inf
+        self._fire(now)

@@ -10,7 +10,6 @@ gateway's memory.
 from __future__ import annotations
 
 import asyncio
-import functools
 import logging
 import socket
 import time
@@ -29,7 +28,6 @@ from gateway.errors import Forbidden, GatewayError, HTTPProblem, Unauthorized, U
 from gateway.fanout.hub import Hub
 from gateway.metrics import Metrics
 from gateway.session import (
-    NEVER,
     CloseWith,
     DisablePush,
     Echo,
@@ -41,7 +39,7 @@ from gateway.session import (
     Session,
 )
 from gateway.transport.front import RequestHead
-from gateway.transport.timers import TimerWheel
+from gateway.transport.timers import Alarm, TimerWheel
 from gateway.transport.upgrade import hand_off
 from gateway.upstream.base import RequestPath
 
@@ -56,7 +54,7 @@ UpgradeAuth = Callable[[RequestHead], Awaitable[Principal]]
 class WsConnection(WSListener):
     """One authenticated WebSocket: picows callbacks in, `Session` actions out."""
 
-    __slots__ = ("_timer_at", "deflate", "principal", "service", "session", "target", "transport")
+    __slots__ = ("_alarm", "deflate", "principal", "service", "session", "target", "transport")
 
     def __init__(self, service: WebSocketService, principal: Principal, deflate: DeflateParams | None) -> None:
         self.service = service
@@ -65,7 +63,7 @@ class WsConnection(WSListener):
         self.transport: WSTransport | None = None
         self.target: Any = None
         self.session = service.new_session(principal, deflate is not None)
-        self._timer_at = NEVER
+        self._alarm = Alarm(lambda: service.wheel, self._on_timer)
 
     # --- picows callbacks ----------------------------------------------------------------------------------
 
@@ -192,15 +190,9 @@ class WsConnection(WSListener):
 
     def _arm(self) -> None:
         """Make sure the timer wheel wakes this connection at its session's deadline (one pending wake-up)."""
-        due = self.session.deadline
-        if due < self._timer_at:
-            self._timer_at = due
-            self.service.wheel.call_at(due, functools.partial(self._on_timer, due))
+        self._alarm.arm(self.session.deadline)
 
-    def _on_timer(self, when: float, now: float) -> None:
-        if when != self._timer_at:
-            return  # superseded by an earlier wake-up
-        self._timer_at = NEVER
+    def _on_timer(self, now: float) -> None:
         action = self.session.timer(now)
         if action is not None:
             self.perform(action)

@@ -15,7 +15,7 @@ from typing import cast
 from hypothesis import given
 from hypothesis import strategies as st
 
-from gateway.transport.timers import TimerWheel
+from gateway.transport.timers import Alarm, TimerWheel
 
 
 class Handle:
@@ -124,6 +124,24 @@ def test_a_callback_may_schedule_again() -> None:
     for t in range(1, 30):
         loop.advance(t)
     assert seen == [5.0, 10.0, 15.0] and len(w) == 0 and loop.armed == []
+
+
+def test_an_alarm_keeps_one_wake_up_and_drops_the_superseded_one() -> None:
+    w, loop = wheel()
+    fired: list[float] = []
+    alarm = Alarm(lambda: w, fired.append)
+    alarm.arm(5.0)
+    alarm.arm(7.0)  # later than the pending one: nothing new is scheduled
+    assert len(w) == 1
+    alarm.arm(2.0)  # earlier: scheduled; the 5.0 entry stays on the wheel but is stale now
+    assert len(w) == 2
+    loop.advance(2.5)
+    assert fired == [2.5]
+    loop.advance(6.0)
+    assert fired == [2.5]  # the superseded 5.0 wake-up did not ring
+    alarm.arm(8.0)  # after a ring the alarm is free again
+    loop.advance(9.0)
+    assert fired == [2.5, 9.0]
 
 
 def test_close_drops_everything() -> None:
