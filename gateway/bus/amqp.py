@@ -51,7 +51,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Collection, Sequence
+from collections.abc import Awaitable, Collection, Sequence
 
 from pamqp import commands
 from yarl import URL
@@ -395,16 +395,9 @@ class AmqpBus:
         failures = 0
         while True:
             await asyncio.sleep(self._reconnect_interval)
-            try:
-                async with asyncio.timeout(self._op_timeout):
-                    await self._connect()
+            error = await _failure_of(self._connect_in_time())
+            if error is None:
                 break
-            except asyncio.CancelledError:
-                if _being_cancelled():
-                    raise
-                error: BaseException = ConnectionError("operation cancelled by the connection")
-            except Exception as exc:
-                error = exc
             if failures % _WARN_EVERY == 0:
                 log.warning("cannot reconnect to RabbitMQ at %s (%r); trying every %gs", _censor(self._url),
                             error, self._reconnect_interval)
@@ -414,6 +407,10 @@ class AmqpBus:
         for username in self._wanted | self._uncertain:
             self._mark(username)
         self._recovery = asyncio.create_task(self._recover(), name=f"amqp-recover-{self.node_id}")
+
+    async def _connect_in_time(self) -> None:
+        async with asyncio.timeout(self._op_timeout):
+            await self._connect()
 
     async def _recover(self) -> None:
         await self.settled()
@@ -449,15 +446,9 @@ class AmqpBus:
                 ops = self._next_batch()
                 if not ops:
                     continue
-                try:
-                    await self._apply(ops)
+                error = await _failure_of(self._apply(ops))
+                if error is None:
                     continue
-                except asyncio.CancelledError:
-                    if _being_cancelled():
-                        raise
-                    error: BaseException = ConnectionError("operation cancelled by the connection")
-                except Exception as exc:
-                    error = exc
                 for username, _ in ops:
                     self._dirty[username] = None
                 if self._online:
@@ -564,6 +555,21 @@ class AmqpBus:
         log.warning("rejected a message that is not a StateChangeEvent (routing key %r, eventBusId %r, "
                     "%d bytes, starts %r): %s", delivery.routing_key, sender, len(delivery.body),
                     delivery.body[:120], exc)
+
+
+async def _failure_of(op: Awaitable[None]) -> BaseException | None:
+    """Await one broker operation: None when it succeeded, else why it failed. A cancellation the connection
+    caused (it dropped the operation's future when it closed) is a failure like any other; a cancellation of the
+    task doing the operation propagates."""
+    try:
+        await op
+    except asyncio.CancelledError:
+        if _being_cancelled():
+            raise
+        return ConnectionError("operation cancelled by the connection")
+    except Exception as exc:
+        return exc
+    return None
 
 
 def _being_cancelled() -> bool:
