@@ -29,6 +29,7 @@ from gateway.metrics import Metrics, counter, counters, gauge, histogram
 from gateway.session import Session
 from gateway.transport.front import FrontProtocol, RequestHead, UpgradeHandler
 from gateway.transport.http import HttpServices, build_app, connection_factory
+from gateway.transport.ingest import IngestService, is_ingest
 from gateway.transport.sse import EVENT_SOURCE_PATHS, EventSourceService
 from gateway.transport.ws import UpgradeAuth, WebSocketService, WsConnection
 from gateway.upstream.base import RequestPath, SessionContext
@@ -94,6 +95,9 @@ class Gateway:
                                                                 self.client_mistakes))
         self.eventsource = EventSourceService(settings, self.auth, self.hub, self.broadcast, self.metrics, counts,
                                               lambda: self.websockets.wheel)
+        # The first request of a connection that streams events (NDJSON) is read without aiohttp.
+        self.ingest = IngestService(self.bus, settings.admin_token, settings.max_size_request, self.client_mistakes,
+                                    lambda route, status: self.metrics.http_requests.labels(route, str(status)).inc())
         role.attach(self.websockets)
         self.http = HttpServices(settings, self.auth, self.request_path, UserLimiter(settings.max_concurrent_requests),
                                  self.bus, role.delegations, self.metrics, self.readiness, self.context,
@@ -136,6 +140,7 @@ class Gateway:
         if self._server is not None:
             self._server.close()
         streams = self.eventsource.close_all()
+        self.ingest.close_all()  # an injector's stream is a request in flight: it learns what was published
         finished, cancelled, closed = await self.websockets.shutdown(
             self.settings.shutdown_grace if grace is None else grace)
         if self._runner is not None:
@@ -149,7 +154,9 @@ class Gateway:
         """Who takes a connection over after its request head; None: the HTTP surface answers."""
         if head.is_websocket_upgrade:
             return self.websockets.accept if head.path in WS_PATHS else None
-        return self.eventsource.accept if head.path in EVENT_SOURCE_PATHS else None
+        if head.path in EVENT_SOURCE_PATHS:
+            return self.eventsource.accept
+        return self.ingest.accept if is_ingest(head) else None
 
     def readiness(self) -> dict[str, bool]:
         return {"bus": self.bus.ready, "listening": self._server is not None and self._server.is_serving()}

@@ -23,6 +23,9 @@ Contract (every adapter documents how it meets it):
   first `subscribe`, left before the last `unsubscribe`), so that the bus knows whose credentials it may use.
 - `publish(events)` returns once the bus has accepted them (for RabbitMQ: publisher confirms). Every subscriber of
   a username on every node receives each published event exactly once while connected.
+- A bus that delivers published events in this process, synchronously (memory; front mode's local injection),
+  may have `publish_now(events)`: `publish` without a coroutine, same contract. Injectors call it when present
+  (the ingest stream then pushes inside the read that brought the events: no task per batch).
 - `wait_subscribed(usernames)` returns once events of those (subscribed) usernames reach this node.
 - `ready` is False while the bus cannot deliver (e.g. the broker is away); `/readyz` reports it. A publish that
   cannot be accepted raises an `Unavailable` error (HTTP 503 for an injector).

@@ -132,6 +132,65 @@ def decode_event_lines(body: bytes | bytearray | memoryview) -> list[StateChange
     return out
 
 
+class EventLines:
+    """An NDJSON body read as it arrives (sans-I/O): `feed` each piece, get the events of its complete lines as
+    one batch; `end()` takes a last line without its newline.
+
+    A line that is no event, or longer than `limit` bytes, stops the body: `failure` is then set (HTTP status and
+    a detail naming the line), and the events of the lines before it are still returned, so that they can be
+    published as the answer promises. Nothing is accepted after a failure."""
+
+    __slots__ = ("_limit", "_line", "_pending", "failure")
+
+    def __init__(self, limit: int) -> None:
+        self._limit = limit
+        self._pending = bytearray()
+        self._line = 0  # lines taken so far (for the number in a failure's detail)
+        self.failure: tuple[int, str] | None = None
+
+    def feed(self, data: bytes | bytearray | memoryview) -> list[StateChangeEvent]:
+        if self.failure is not None:
+            return []
+        pending = self._pending
+        pending += data
+        end = pending.rfind(b"\n")
+        if end < 0:
+            if len(pending) > self._limit:
+                self.failure = (413, f"Line {self._line + 1} is longer than {self._limit} bytes")
+            return []
+        if end == len(pending) - 1:
+            lines = bytes(pending)
+            pending.clear()
+        else:
+            lines = bytes(pending[:end + 1])
+            del pending[:end + 1]
+        return self._decode(lines)
+
+    def end(self) -> list[StateChangeEvent]:
+        """The body is complete: the events of a last line without a newline."""
+        if self.failure is not None or not self._pending.strip():
+            return []
+        lines, self._pending = bytes(self._pending), bytearray()
+        return self._decode(lines)
+
+    def _decode(self, lines: bytes) -> list[StateChangeEvent]:
+        first = self._line
+        self._line += lines.count(b"\n")
+        try:
+            return decode_event_lines(lines)
+        except EventDecodeError:
+            pass
+        # Rare: find the bad line, so that the lines before it are published as promised.
+        good: list[StateChangeEvent] = []
+        for number, line in enumerate(lines.split(b"\n"), first + 1):
+            try:
+                good.extend(decode_event_lines(line))
+            except EventDecodeError as exc:
+                self.failure = (400, f"Line {number} is not a StateChangeEvent or an array of them: {exc}")
+                break
+        return good
+
+
 def _legacy(item: _LegacyEvent | list[_LegacyEvent]) -> StateChangeEvent | list[StateChangeEvent]:
     return [_from_legacy(w) for w in item] if isinstance(item, list) else _from_legacy(item)
 

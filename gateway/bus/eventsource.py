@@ -250,6 +250,9 @@ class UpstreamEventStreams:
 
     async def publish(self, events: Sequence[StateChangeEvent]) -> None:
         """Local injection (`/admin/events`): to this process's sessions, like the memory bus."""
+        self.publish_now(events)
+
+    def publish_now(self, events: Sequence[StateChangeEvent]) -> None:
         handler = self._handler
         if handler is None:
             return

@@ -44,6 +44,10 @@ class MemoryBus:
         return username in self._subscribed
 
     async def publish(self, events: Sequence[StateChangeEvent]) -> None:
+        self.publish_now(events)
+
+    def publish_now(self, events: Sequence[StateChangeEvent]) -> None:
+        """`publish` without a coroutine (the port's optional synchronous publish): the ingest stream's path."""
         handler = self._handler
         if handler is None:
             return

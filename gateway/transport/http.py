@@ -9,7 +9,6 @@ mapper of gateway.errors. Requests aiohttp's parser refuses are answered by
 from __future__ import annotations
 
 import asyncio
-import hmac
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -22,7 +21,7 @@ from aiohttp.http_exceptions import BadHttpMessage, LineTooLong
 from gateway.admission import UserLimiter, check_request
 from gateway.auth import Authenticator
 from gateway.bus.base import Bus
-from gateway.bus.events import EventDecodeError, StateChangeEvent, decode_event_lines, decode_events
+from gateway.bus.events import EventDecodeError, EventLines, decode_events
 from gateway.config import Settings
 from gateway.directory import MAX_USERNAME, Delegations, Principal
 from gateway.errors import LIMIT, PROBLEM_CONTENT_TYPE, GatewayError, HTTPProblem, RequestLevelError, problem_of
@@ -31,6 +30,7 @@ from gateway.logs import ClientMistakes
 from gateway.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from gateway.metrics import Metrics
 from gateway.transport.front import RequestHead, UpgradeHandler
+from gateway.transport.ingest import NDJSON, check_admin
 from gateway.transport.sse import EVENT_SOURCE_PATHS
 from gateway.upstream.base import RequestPath, SessionContext
 
@@ -89,15 +89,7 @@ async def _principal(request: web.Request, *, fresh: bool = False) -> Principal:
 
 def _admin(request: web.Request) -> HttpServices:
     services = request.app[SERVICES]
-    token = services.settings.admin_token
-    if token is None:
-        raise HTTPProblem(404, "The admin API is disabled (GATEWAY_ADMIN_TOKEN is unset).")
-    scheme, _, value = request.headers.get("Authorization", "").partition(" ")
-    if scheme.lower() != "bearer" or not value:
-        raise HTTPProblem(401, "The admin API needs a Bearer token.",
-                          headers={"WWW-Authenticate": 'Bearer realm="admin"'})
-    if not hmac.compare_digest(value.strip().encode(), token.encode()):
-        raise HTTPProblem(403, "The admin token is not valid.")
+    check_admin(services.settings.admin_token, request.headers.get("Authorization"))
     return services
 
 
@@ -169,9 +161,6 @@ async def metrics(request: web.Request) -> web.Response:
     return web.Response(body=body, headers={"Content-Type": METRICS_CONTENT_TYPE})
 
 
-NDJSON = "application/x-ndjson"
-
-
 async def admin_events(request: web.Request) -> web.Response:
     """Publish Apache James StateChangeEvents on the bus: one or an array as JSON, or a stream of them as NDJSON
     (`application/x-ndjson`, one per line, for as long as the request lasts)."""
@@ -189,49 +178,26 @@ async def admin_events(request: web.Request) -> web.Response:
 
 
 async def _event_stream(request: web.Request, services: HttpServices) -> web.Response:
-    """An injector's stream: whatever complete lines arrived together are decoded and published as one batch (one
-    bus call; on the memory bus one hub batch), so a busy stream costs aiohttp one request, not one per event.
-
-    A line that is no event, or longer than GATEWAY_MAX_SIZE_REQUEST, ends the stream with 400/413; the events of
-    the lines before it were published (the answer's detail says how many)."""
-    limit = services.settings.max_size_request
-    pending = bytearray()
+    """An injector's stream on a connection that served other requests first (the first request of a connection
+    goes to gateway.transport.ingest, which reads it without aiohttp): whatever complete lines arrived together
+    are decoded and published as one batch. The rules are the ingest stream's (gateway.bus.events.EventLines)."""
+    lines = EventLines(services.settings.max_size_request)
     accepted = 0
-
-    async def publish(lines: bytes | bytearray) -> None:
-        nonlocal accepted
-        try:
-            events = decode_event_lines(lines)
-        except EventDecodeError:
-            # Rare: find the bad line, so that the lines before it are published as promised.
-            good: list[StateChangeEvent] = []
-            for number, line in enumerate(bytes(lines).split(b"\n"), 1):
-                try:
-                    good.extend(decode_event_lines(line))
-                except EventDecodeError as exc:
-                    if good:
-                        await services.bus.publish(good)
-                        accepted += len(good)
-                    raise HTTPProblem(400, f"Line {number} of a chunk is not a StateChangeEvent or an array of "
-                                      f"them: {exc}; the {accepted} events before it were published.") from None
-            events = good
+    async for chunk in request.content.iter_any():
+        events = lines.feed(chunk)
         if events:
             await services.bus.publish(events)
             accepted += len(events)
-
-    async for chunk in request.content.iter_any():
-        pending += chunk
-        end = pending.rfind(b"\n")
-        if end < 0:
-            if len(pending) > limit:
-                raise HTTPProblem(413, f"A line is longer than {limit} bytes; the {accepted} events before it "
-                                  "were published.")
-            continue
-        lines = bytes(pending[:end + 1])
-        del pending[:end + 1]
-        await publish(lines)
-    if pending.strip():
-        await publish(pending)
+        if lines.failure is not None:
+            break
+    else:
+        events = lines.end()
+        if events:
+            await services.bus.publish(events)
+            accepted += len(events)
+    if lines.failure is not None:
+        status, detail = lines.failure
+        raise HTTPProblem(status, f"{detail}; the {accepted} events before it were published.")
     return _json_response({"accepted": accepted}, status=202)
 
 

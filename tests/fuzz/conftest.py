@@ -33,7 +33,7 @@ JWT_SECRET = "Fz-jwt-Secret-6a4f2b19-of-32-bytes!"
 TICKET_SECRET = "Fz-ticket-Key-3e8c5d70aa"
 CORE = "urn:ietf:params:jmap:core"
 MAIL = "urn:ietf:params:jmap:mail"
-TARGETS = 4  # the fuzz targets sharing FUZZ_SECONDS
+TARGETS = 5  # the fuzz targets sharing FUZZ_SECONDS
 RSS_SLACK_KIB = 256 * 1024  # growth over the warmed-up RSS that fails the run
 
 

@@ -1,6 +1,7 @@
 """Fuzz targets against the real gateway process of conftest.py, over real sockets: HTTP heads (upgrades and
 plain requests), WebSocket frame sequences (with and without permessage-deflate), JMAP client messages (valid
-shapes, hostile values) on the socket and over HTTP, and James bus messages through `POST /admin/events`.
+shapes, hostile values) on the socket and over HTTP, James bus messages through `POST /admin/events`, and NDJSON
+event streams (the ingest protocol's framing and lines).
 
 Each target checks the answers against the vocabulary: HTTP 1xx-3xx, or 4xx with a problem-details body (never
 5xx); close codes and RequestError types of DESIGN.md §4; only Response, RequestError and StateChange objects.
@@ -591,6 +592,55 @@ def test_bus_messages(target: Target) -> None:
             peer.close()
 
     target.run_for("bus_messages", budget(), batch)
+
+
+@st.composite
+def ingest_streams(draw: st.DrawFn) -> tuple[bytes, int]:
+    """An NDJSON event stream as the ingest protocol reads it (its head, its framing, its lines), and how many
+    lines it carries: chunked with lines cut anywhere, hostile chunk headers and trailers, a Content-Length that
+    is right or wrong, or both framings at once."""
+    lines = [draw(bus_messages()).replace(b"\n", b" ") + b"\n" for _ in range(draw(st.integers(0, 6)))]
+    body = b"".join(lines)
+    cuts = sorted(draw(st.lists(st.integers(0, len(body)), max_size=6)))
+    pieces = [body[a:b] for a, b in zip([0, *cuts], [*cuts, len(body)], strict=True)]
+    framing = draw(st.sampled_from(["chunked", "chunked", "chunked", "length", "wrong-length", "both"]))
+    head = ("POST /admin/events HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer " + draw(
+        st.sampled_from([ADMIN_TOKEN] * 6 + [ADMIN_TOKEN + "x", ""])) + "\r\nContent-Type: application/x-ndjson"
+        + draw(st.sampled_from(["", "; charset=utf-8"])) + "\r\n")
+    if framing in ("length", "wrong-length"):
+        length = len(body) + (draw(st.integers(-20, 20)) if framing == "wrong-length" else 0)
+        return (head + f"Content-Length: {max(0, length)}\r\n\r\n").encode() + body, len(lines)
+    head += "Transfer-Encoding: chunked\r\n" + ("Content-Length: 10\r\n" if framing == "both" else "") + "\r\n"
+    out = bytearray(head.encode())
+    for piece in pieces:
+        size = draw(st.sampled_from([b"%x", b"%X", b"%x;ext=1", b"%x ", b"-%x", b"0x%x", b"%020x"])) % len(piece)
+        out += size + b"\r\n" + piece + draw(st.sampled_from([b"\r\n"] * 6 + [b"\n", b"", b"xx\r\n"]))
+    out += draw(st.sampled_from([b"0\r\n\r\n"] * 4 + [b"0\r\nX-Trailer: 1\r\n\r\n", b"0\r\n", b"", b"zz\r\n"]))
+    return bytes(out), len(lines)
+
+
+def test_ingest_streams(target: Target) -> None:
+    @BATCH
+    @given(stream=ingest_streams())
+    def batch(stream: tuple[bytes, int]) -> None:
+        data, lines = stream
+        target.examples["ingest_streams"] += 1
+        peer = Peer(target.port)
+        try:
+            peer.send(data)
+            peer.sock.shutdown(socket.SHUT_WR)  # a stream cut short is answered, not waited for
+            answer = peer.read_head()
+            assert answer is not None, "no answer"
+            status, headers, payload = answer
+            check_problem(target, "ingest_streams", status, headers, payload)
+            assert status in (202, 400, 401, 403, 413), status
+            assert headers.get("connection") == "close", headers
+            if status == 202:
+                assert json.loads(payload)["accepted"] <= 3 * lines  # a line holds at most an array of 3
+        finally:
+            peer.close()
+
+    target.run_for("ingest_streams", budget(), batch)
 
 
 assert os.environ.get("FUZZ_SECONDS", "60").replace(".", "", 1).isdigit(), "FUZZ_SECONDS must be a number"

@@ -314,6 +314,37 @@ async def test_james_event_is_pushed_to_the_sessions_of_its_account(
         await c.close()
 
 
+async def test_an_ndjson_stream_is_published_through_the_broker_in_order(
+        exchange_name: str, make_gateway: GatewayFactory) -> None:
+    """The ingest stream on a broker bus: each read's lines are one publish with confirms, reading paused until
+    they are confirmed; one gateway's stream reaches another gateway's session, every event, in order."""
+    injector = await make_gateway(BUS="amqp", AMQP_EXCHANGE=exchange_name)
+    gw = await make_gateway(BUS="amqp", AMQP_EXCHANGE=exchange_name)
+    bob = await Client.open(gw.port)
+    await bob.enable(["Email"])
+    await bound(gw, BOB[0])
+    reader, writer = await asyncio.open_connection("127.0.0.1", injector.port)
+    writer.write(b"POST /admin/events HTTP/1.1\r\nHost: gw\r\nContent-Type: application/x-ndjson\r\n"
+                 b"Transfer-Encoding: chunked\r\nAuthorization: Bearer " + ADMIN.encode() + b"\r\n\r\n")
+    n = 300
+    for i in range(n):
+        data = json.dumps({"type": STATE_CHANGE_EVENT, "username": BOB[0], "typeStates": {"Email": f"e{i}"}})
+        writer.write(b"%x\r\n%s\n\r\n" % (len(data) + 1, data.encode()))
+        if i % 50 == 0:
+            await writer.drain()
+            await asyncio.sleep(0.01)  # several reads, so several publishes
+    writer.write(b"0\r\n\r\n")
+    answer = await asyncio.wait_for(reader.read(), 30)
+    writer.close()
+    assert answer.startswith(b"HTTP/1.1 202 ") and answer.endswith(b'{"accepted":%d}' % n), answer
+    states: list[str] = []
+    while not states or states[-1] != f"e{n - 1}":
+        states.append((await bob.next_changed())[BOB_ACC]["Email"])
+    numbers = [int(s[1:]) for s in states]
+    assert numbers == sorted(set(numbers))  # in publish order, none twice (a push may merge several events)
+    await bob.close()
+
+
 async def test_arrays_legacy_fields_and_custom_types(exchange_name: str, make_gateway: GatewayFactory,
                                                      james: James) -> None:
     gw = await make_gateway(BUS="amqp", AMQP_EXCHANGE=exchange_name)
@@ -506,6 +537,13 @@ async def _cut_and_restore(gw: Gateway, bobs: list[Client], alice: Client, james
     async with aiohttp.ClientSession() as http, http.post(
             f"http://127.0.0.1:{gw.port}/admin/events", json=event, headers={"Authorization": f"Bearer {ADMIN}"}) as r:
         assert r.status == 503 and r.headers["Retry-After"], "injection during an outage: retry later, not 500"
+    reader, writer = await asyncio.open_connection("127.0.0.1", gw.port)  # the same for an NDJSON stream
+    line = json.dumps(event).encode() + b"\n"
+    writer.write(b"POST /admin/events HTTP/1.1\r\nHost: gw\r\nContent-Type: application/x-ndjson\r\n"
+                 b"Content-Length: %d\r\nAuthorization: Bearer %s\r\n\r\n%s" % (len(line), ADMIN.encode(), line))
+    answer = await asyncio.wait_for(reader.read(), 10)
+    writer.close()
+    assert answer.startswith(b"HTTP/1.1 503 ") and b"Retry-After" in answer and b"the 0 events before" in answer
     before = delivered()
     await eventually(lambda: delivered() >= before + 3, what="mails delivered during the outage")
     # A change through the socket while the broker is away: committed, its publish fails (logged, swallowed).

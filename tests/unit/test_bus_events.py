@@ -15,6 +15,7 @@ from hypothesis import strategies as st
 from gateway.bus.events import (
     STATE_CHANGE_EVENT,
     EventDecodeError,
+    EventLines,
     StateChangeEvent,
     decode_event_lines,
     decode_events,
@@ -207,3 +208,50 @@ def test_deep_bodies_are_poison_not_a_crash(body: bytes) -> None:
         decode_events(body)
     with pytest.raises(EventDecodeError):
         decode_event_lines(body + b"\n")
+
+
+# --- EventLines: an NDJSON body read piece by piece ------------------------------------------------------------
+
+def _line(user: str, state: str) -> bytes:
+    return json.dumps({"type": STATE_CHANGE_EVENT, "username": user, "typeStates": {"Email": state}}).encode() + b"\n"
+
+
+@given(st.lists(st.tuples(USERNAMES, st.text(max_size=8)), max_size=8), st.data())
+def test_event_lines_give_every_event_once_in_order_however_the_body_is_cut(
+        events: list[tuple[str, str]], data: st.DataObject) -> None:
+    body = b"".join(_line(u, s) for u, s in events)
+    cuts = sorted(data.draw(st.lists(st.integers(0, len(body)), max_size=10)))
+    lines = EventLines(limit=1 << 20)
+    got: list[StateChangeEvent] = []
+    for a, b in zip([0, *cuts], [*cuts, len(body)], strict=True):
+        got += lines.feed(body[a:b])
+    got += lines.end()
+    assert lines.failure is None
+    assert [(e.username, e.typeStates["Email"]) for e in got] == events
+
+
+def test_event_lines_end_takes_a_last_line_without_its_newline_and_skips_blank_lines() -> None:
+    lines = EventLines(limit=4096)
+    assert [e.typeStates for e in lines.feed(b"\n\n" + _line("a", "1") + b"\n" + _line("b", "2")[:-1])] == [
+        {"Email": "1"}]
+    assert [e.username for e in lines.end()] == ["b"]
+    assert lines.end() == [] and lines.failure is None
+
+
+def test_a_bad_line_is_named_by_its_number_in_the_whole_body_and_stops_the_body() -> None:
+    lines = EventLines(limit=4096)
+    assert len(lines.feed(_line("a", "1") + _line("a", "2"))) == 2
+    good = lines.feed(_line("a", "3") + b'{"username": 5}\n' + _line("a", "4"))
+    assert [e.typeStates["Email"] for e in good] == ["3"]  # the lines before the bad one, not after it
+    assert lines.failure is not None
+    status, detail = lines.failure
+    assert status == 400 and detail.startswith("Line 4 is not a StateChangeEvent")
+    assert lines.feed(_line("a", "5")) == [] and lines.end() == []  # nothing after a failure
+
+
+def test_a_line_longer_than_the_limit_is_413_without_waiting_for_its_end() -> None:
+    lines = EventLines(limit=100)
+    assert len(lines.feed(_line("a", "1"))) == 1
+    assert lines.feed(b"x" * 60) == [] and lines.failure is None
+    assert lines.feed(b"x" * 60) == []
+    assert lines.failure == (413, "Line 2 is longer than 100 bytes")
