@@ -152,6 +152,8 @@ class EventLines:
         if self.failure is not None:
             return []
         pending = self._pending
+        if not pending and isinstance(data, bytes) and data.endswith(b"\n") and len(data) <= self._limit:
+            return self._decode(data)  # the usual piece of a stream: whole lines, nothing held back
         pending += data
         end = pending.rfind(b"\n")
         if end < 0:
@@ -176,6 +178,18 @@ class EventLines:
     def _decode(self, lines: bytes) -> list[StateChangeEvent]:
         first = self._line
         self._line += lines.count(b"\n")
+        if len(lines) > self._limit:
+            # Lines that came whole in one piece larger than the limit: each is still held to it.
+            parts = lines.split(b"\n")
+            long = next((i for i, part in enumerate(parts) if len(part) > self._limit), None)
+            if long is not None:
+                good = self._decode_from(b"\n".join(parts[:long]), first) if long else []
+                self.failure = self.failure or (413, f"Line {first + long + 1} is longer than {self._limit} bytes")
+                return good
+        return self._decode_from(lines, first)
+
+    def _decode_from(self, lines: bytes, first: int) -> list[StateChangeEvent]:
+        """The events of `lines` (the first of them line `first + 1` of the body), up to a bad line."""
         try:
             return decode_event_lines(lines)
         except EventDecodeError:

@@ -50,6 +50,7 @@ VariantKey = tuple[tuple[str, ...], frozenset[str] | None, int]
 WEBSOCKET, EVENT_SOURCE = 0, 1  # framings: an RFC 8887 StateChange message, an RFC 8620 §7.3 `state` event
 
 HEADROOM = 14
+ENCODE_ROOM = 512
 TEXT = 1
 # Accounts whose bus-only states the ledger keeps after their last session left (about 200 bytes each).
 LEDGER_ACCOUNTS = 100_000
@@ -101,6 +102,9 @@ class Group:
     def __init__(self) -> None:
         self.targets: dict[Any, None] = {}
         self.deflate_count = 0
+
+
+_NONE: dict[str, str] = {}  # read only: the states of an account nothing is known of yet
 
 
 def _filter(states: dict[str, str], types: frozenset[str] | None) -> dict[str, str]:
@@ -417,11 +421,16 @@ class Hub:
         self.stats.events += len(events)
         owners = self._owner_accounts
         if len(events) == 1:
+            # The usual batch (one event, one account): no merge dict.
             event = events[0]
             for acc in owners.get(event.username) or self._uncovered(event.username):
                 changed = self._take(acc, event.typeStates)
-                if changed is not None:
+                if changed is None:
+                    pass
+                elif self._coalesce:
                     self._push(acc, changed)
+                else:
+                    self.deliver(acc, changed)
         else:
             merged: dict[str, dict[str, str]] = {}
             for event in events:
@@ -527,13 +536,17 @@ class Hub:
     def _encode(self, account_id: str, changed: dict[str, str], key: VariantKey) -> tuple[bytearray, str]:
         """The StateChange JSON after HEADROOM bytes (room for the WebSocket frame header), and its pushState."""
         token = pushstate.encode(self._snapshot(key))
-        plain = bytearray(HEADROOM)
+        # Room for a usual StateChange from the start: encode_into keeps the capacity and sets the length.
+        plain = bytearray(ENCODE_ROOM)
         self._encoder.encode_into(StateChange(changed={account_id: changed}, pushState=token), plain, HEADROOM)
         return plain, token
 
     def _snapshot(self, key: VariantKey) -> dict[str, dict[str, str]]:
         accounts, types, _ = key
-        return {acc: _filter(self._states.get(acc, {}), types) for acc in accounts}
+        if len(accounts) == 1 and types is None:  # the usual session: its own account, every type
+            acc = accounts[0]
+            return {acc: self._states.get(acc, _NONE)}
+        return {acc: _filter(self._states.get(acc, _NONE), types) for acc in accounts}
 
     def _merge_into(self, target: Any, changes: dict[str, dict[str, str]]) -> None:
         for acc, states in changes.items():

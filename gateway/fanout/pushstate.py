@@ -20,10 +20,13 @@ _encoder = msgspec.msgpack.Encoder()
 _URLSAFE = bytes.maketrans(b"+/", b"-_")
 
 
+_scratch = bytearray(256)  # msgpack of one token, reused: encode_into grows it once instead of every push
+
+
 def encode(states: dict[str, dict[str, str]]) -> str:
     # binascii and one translate: what base64.urlsafe_b64encode does, without its Python layers (once per push).
-    return _VERSION + binascii.b2a_base64(_encoder.encode(states), newline=False).translate(_URLSAFE).rstrip(
-        b"=").decode("ascii")
+    _encoder.encode_into(states, _scratch)
+    return _VERSION + binascii.b2a_base64(_scratch, newline=False).translate(_URLSAFE).rstrip(b"=").decode("ascii")
 
 
 def decode(token: str) -> dict[str, dict[str, str]] | None:

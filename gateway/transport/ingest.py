@@ -104,7 +104,7 @@ class IngestProtocol(asyncio.Protocol):
         self._transport = transport
         self._parser = httptools.HttpRequestParser(self)
         self._lines = EventLines(service.max_line)
-        self._body = bytearray()  # the body bytes of the current read, split into lines after feed_data
+        self._body: list[bytes] = []  # the body pieces of the current read, split into lines after feed_data
         self._complete = False
         self._fault: str | None = None  # why llhttp refused the body (answered once the lines before it are in)
         self._publishing = False  # an asynchronous publish is in flight (reading is paused meanwhile)
@@ -123,7 +123,7 @@ class IngestProtocol(asyncio.Protocol):
     # --- llhttp's callbacks --------------------------------------------------------------------------------
 
     def on_body(self, body: bytes) -> None:
-        self._body += body
+        self._body.append(body)
 
     def on_message_complete(self) -> None:
         self._complete = True
@@ -159,9 +159,10 @@ class IngestProtocol(asyncio.Protocol):
         """Publish the complete lines of what was read; answer when the body is complete or a line is bad."""
         lines = self._lines
         events: list[StateChangeEvent] = []
-        if self._body:
-            events = lines.feed(self._body)
-            self._body.clear()
+        body = self._body
+        if body:
+            events = lines.feed(body[0] if len(body) == 1 else b"".join(body))
+            body.clear()
         if self._complete and lines.failure is None:
             events += lines.end()
         if events:

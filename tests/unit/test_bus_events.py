@@ -250,8 +250,23 @@ def test_a_bad_line_is_named_by_its_number_in_the_whole_body_and_stops_the_body(
 
 
 def test_a_line_longer_than_the_limit_is_413_without_waiting_for_its_end() -> None:
-    lines = EventLines(limit=100)
+    lines = EventLines(limit=150)
     assert len(lines.feed(_line("a", "1"))) == 1
-    assert lines.feed(b"x" * 60) == [] and lines.failure is None
-    assert lines.feed(b"x" * 60) == []
-    assert lines.failure == (413, "Line 2 is longer than 100 bytes")
+    assert lines.feed(b"x" * 100) == [] and lines.failure is None
+    assert lines.feed(b"x" * 100) == []
+    assert lines.failure == (413, "Line 2 is longer than 150 bytes")
+
+
+def test_a_long_line_that_arrives_whole_in_one_piece_is_413_too() -> None:
+    lines = EventLines(limit=150)
+    got = lines.feed(_line("a", "1") + _line("a", "x" * 200) + _line("a", "3"))
+    assert [e.typeStates["Email"] for e in got] == ["1"]
+    assert lines.failure == (413, "Line 2 is longer than 150 bytes")
+
+
+def test_a_bad_line_before_a_long_one_in_one_piece_is_named_by_its_own_number() -> None:
+    lines = EventLines(limit=150)
+    assert len(lines.feed(_line("a", "1"))) == 1
+    got = lines.feed(_line("a", "2") + b"{nope}\n" + _line("a", "x" * 200))
+    assert [e.typeStates["Email"] for e in got] == ["2"]
+    assert lines.failure is not None and lines.failure[1].startswith("Line 3 is not a StateChangeEvent")
