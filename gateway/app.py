@@ -24,6 +24,7 @@ from gateway.deflate import Compression
 from gateway.directory import Directory
 from gateway.errors import ListenError
 from gateway.fanout.hub import FANOUT_BOUNDS, Hub
+from gateway.gcpolicy import PAUSE_BOUNDS, GcPolicy
 from gateway.logs import ClientMistakes, PicowsLog
 from gateway.metrics import Metrics, counter, counters, gauge, histogram
 from gateway.session import Session
@@ -98,6 +99,9 @@ class Gateway:
         # The first request of a connection that streams events (NDJSON) is read without aiohttp.
         self.ingest = IngestService(self.bus, settings.admin_token, settings.max_size_request, self.client_mistakes,
                                     lambda route, status: self.metrics.http_requests.labels(route, str(status)).inc())
+        self.gc = GcPolicy(settings.gc_freeze_after,
+                           lambda: len(self.websockets.connections) + len(self.eventsource.connections))
+        self.websockets.on_open = self.eventsource.on_open = self.gc.check
         role.attach(self.websockets)
         self.http = HttpServices(settings, self.auth, self.request_path, UserLimiter(settings.max_concurrent_requests),
                                  self.bus, role.delegations, self.metrics, self.readiness, self.context,
@@ -130,6 +134,7 @@ class Gateway:
             raise ListenError("HTTP/WebSocket", self.settings.host, self.settings.port, "GATEWAY_HOST",
                               "GATEWAY_PORT", "0 = any free port", exc) from None
         self.port = self._server.sockets[0].getsockname()[1]
+        self.gc.start()
         log.info("listening on %s:%d (role: %s, coalescer: %s, broadcast: %s, bus: %s, node %s)", self.settings.host,
                  self.port, self.role.name, impl_name(self.coalesce), impl_name(self.broadcast), self.settings.bus,
                  self.node_id)
@@ -139,6 +144,7 @@ class Gateway:
         bus and the request path."""
         if self._server is not None:
             self._server.close()
+        self.gc.stop()
         streams = self.eventsource.close_all()
         self.ingest.close_all()  # an injector's stream is a request in flight: it learns what was published
         finished, cancelled, closed = await self.websockets.shutdown(
@@ -177,6 +183,13 @@ class Gateway:
         yield gauge("gateway_push_subscriptions", "Push-enabled sessions", self.hub.subscriptions)
         yield histogram("gateway_fanout_seconds", "A bus batch in to its last write (one batch: one loop turn)",
                         FANOUT_BOUNDS, stats.fanout_counts, stats.fanout_sum)
+        yield gauge("gateway_gc_frozen_objects", "Objects frozen out of full collections (GATEWAY_GC_FREEZE_AFTER)",
+                    self.gc.frozen)
+        yield counter("gateway_gc_freezes", "Times long-lived objects were frozen", self.gc.freezes)
+        yield counter("gateway_gc_full_collections", "Full (generation 2) garbage collections",
+                      self.gc.full_collections)
+        yield histogram("gateway_gc_pause_seconds", "Garbage collections, each a pause of the event loop", PAUSE_BOUNDS,
+                        self.gc.pause_counts, self.gc.pause_sum)
         impl = GaugeMetricFamily("gateway_native_module", "1 when the compiled module runs, 0 for the Python twin",
                                  labels=["module"])
         for name, module in (("coalesce", self.coalesce), ("broadcast", self.broadcast), ("deflate", self.deflate)):

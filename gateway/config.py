@@ -203,6 +203,9 @@ SPECS: tuple[Spec, ...] = (
     Spec("GATEWAY_SOCKET_SNDBUF", "socket_sndbuf", _int(0, 1 << 30), "0",
          "SO_SNDBUF of each WebSocket (bytes; 0 = the kernel's autotuning, up to several MiB per socket). A cap "
          "bounds the kernel memory a client that stops reading can hold, and makes it count as slow sooner."),
+    Spec("GATEWAY_GC_FREEZE_AFTER", "gc_freeze_after", _int(0, 10_000_000), "1000",
+         "Freeze long-lived objects out of the garbage collector's full collections (gc.freeze) after start-up "
+         "and whenever held connections grew by this many (0 = never: CPython's collector as it is)."),
     Spec("GATEWAY_SHUTDOWN_GRACE", "shutdown_grace", _float(0, 3600), "10",
          "Seconds SIGTERM/SIGINT waits for in-flight requests before closing every socket with 1001."),
     # --- RabbitMQ bus ---
@@ -295,6 +298,7 @@ class Settings:
     slow_client_max_bytes: int
     write_high_water: int
     socket_sndbuf: int
+    gc_freeze_after: int
     shutdown_grace: float
     amqp_url: str | None
     amqp_exchange: str

@@ -28,7 +28,10 @@ def basic(user: tuple[str, str]) -> str:
 
 def settings_env(**overrides: str) -> dict[str, str]:
     env = {"GATEWAY_PORT": "0", "GATEWAY_USERS": USERS, "GATEWAY_ADMIN_TOKEN": ADMIN,
-           "GATEWAY_SMTP_PORT": "0", "GATEWAY_DB": ":memory:", "GATEWAY_LOG_LEVEL": "WARNING"}
+           "GATEWAY_SMTP_PORT": "0", "GATEWAY_DB": ":memory:", "GATEWAY_LOG_LEVEL": "WARNING",
+           # In-process gateways would freeze the test process's objects too (tests/e2e/test_teardown.py and the
+           # gateway processes of the integration tests run the freezing).
+           "GATEWAY_GC_FREEZE_AFTER": "0"}
     env.update(overrides)
     return env
 

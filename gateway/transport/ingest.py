@@ -102,7 +102,7 @@ class IngestProtocol(asyncio.Protocol):
     def __init__(self, service: IngestService, transport: asyncio.Transport) -> None:
         self._service = service
         self._transport = transport
-        self._parser = httptools.HttpRequestParser(self)
+        self._parser: httptools.HttpRequestParser | None = httptools.HttpRequestParser(self)
         self._lines = EventLines(service.max_line)
         self._body: list[bytes] = []  # the body pieces of the current read, split into lines after feed_data
         self._complete = False
@@ -133,7 +133,7 @@ class IngestProtocol(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         if self.finished or self._fault is not None:
             return  # a refused stream lingers: what the client still sends is dropped
-        if not self._complete:
+        if not self._complete and self._parser is not None:
             try:
                 self._parser.feed_data(data)
             except httptools.HttpParserError as exc:
@@ -146,6 +146,7 @@ class IngestProtocol(asyncio.Protocol):
         # A client that goes away mid-stream: what it sent in whole lines was published; nobody is left to answer.
         self.finished = True
         self._service.streams.discard(self)
+        self._parser = None  # it holds this protocol's methods: no cycle left for the collector
 
     def eof_received(self) -> bool | None:
         if not self.finished and not self._complete and self._fault is None:

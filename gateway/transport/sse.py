@@ -36,13 +36,15 @@ class _Writer:
     __slots__ = ("conn",)
 
     def __init__(self, conn: SseConnection) -> None:
-        self.conn = conn
+        self.conn: SseConnection | None = conn  # None once the connection is gone (no cycle left behind)
 
     def send_reuse_external_bytearray(self, _opcode: int, buf: bytearray, offset: int, *_rest: Any) -> None:
-        self.conn.write(memoryview(buf)[offset:])
+        if self.conn is not None:
+            self.conn.write(memoryview(buf)[offset:])
 
     def send(self, _opcode: int, payload: bytes, *_rest: Any) -> None:
-        self.conn.write(payload)
+        if self.conn is not None:
+            self.conn.write(payload)
 
 
 class SseConnection(asyncio.Protocol):
@@ -79,6 +81,9 @@ class SseConnection(asyncio.Protocol):
         self.state.closing = True
         self.service.hub.disable(self.target)
         self.service.closed(self)
+        # Freed by its reference count from here (the collector may never see it: gateway.gcpolicy freezes).
+        self._alarm.cancel()
+        self.target.transport.conn = None
 
     def pause_writing(self) -> None:
         # Over the write buffer's high-water mark: pushes merge into one pending state event instead of queueing.
@@ -145,6 +150,8 @@ class EventSourceService:
         self.counts = counts
         self._wheel = wheel
         self.connections: set[SseConnection] = set()
+        # Called after each connection is added (the composition root hooks the collector policy, gateway.gcpolicy).
+        self.on_open: Callable[[], None] = _nothing
         self._loop: asyncio.AbstractEventLoop | None = None
 
     @property
@@ -183,6 +190,7 @@ class EventSourceService:
         transport.set_write_buffer_limits(high=self.settings.write_high_water)
         transport.write(response_head())
         self.connections.add(conn)
+        self.on_open()
         self.counts.opened(principal.username)
         self.metrics.eventsource_connections.inc()
         # RFC 8620 §7.3 with an EventSource's reconnection: Last-Event-ID is the pushState of the last event seen.
@@ -211,3 +219,6 @@ def _retrieved(task: asyncio.Task[Any]) -> None:
     if not task.cancelled() and task.exception() is not None:
         log.error("resuming an event stream failed", exc_info=task.exception())
 
+
+def _nothing() -> None:
+    pass

@@ -77,8 +77,18 @@ class Alarm:
             self._at = due
             self._wheel().call_at(due, functools.partial(self._ring, due))
 
+    def cancel(self) -> None:
+        """The connection is gone: no wake-up, and no reference back to it (the wheel may hold this alarm until
+        its bucket fires; the connection is then freed by its reference count, without the cycle collector)."""
+        self._at = -math.inf
+        self._fire = _ignore
+
     def _ring(self, when: float, now: float) -> None:
         if when != self._at:
             return  # superseded by an earlier wake-up
         self._at = math.inf
         self._fire(now)
+
+
+def _ignore(now: float) -> None:
+    pass

@@ -91,6 +91,7 @@ class WsConnection(WSListener):
         self.session.closing = True
         self.service.hub.disable(self.target)
         self.service.closed(self)
+        self._alarm.cancel()  # freed by its reference count from here (gateway.gcpolicy freezes long-lived objects)
 
     def pause_writing(self) -> None:
         # The socket's write buffer passed its high-water mark: pushes now merge instead of queueing.
@@ -225,6 +226,8 @@ class WebSocketService:
                              slow_timeout=settings.slow_client_timeout, slow_max_bytes=settings.slow_client_max_bytes,
                              max_depth=settings.max_json_depth)
         self.connections: set[WsConnection] = set()
+        # Called after each connection is added (the composition root hooks the collector policy, gateway.gcpolicy).
+        self.on_open: Callable[[], None] = _nothing
         self.counts = counts or UserCounts()  # shared with the event streams: one cap per user
         self._picows_log = picows_log  # what picows logs a peer's protocol errors through
         self._requests: set[asyncio.Task[Any]] = set()
@@ -304,6 +307,7 @@ class WebSocketService:
 
     def opened(self, conn: WsConnection) -> None:
         self.connections.add(conn)
+        self.on_open()
         self.counts.opened(conn.principal.username)
         self.metrics.connections.inc()
 
@@ -381,3 +385,7 @@ class WebSocketService:
         if self._wheel is not None:
             self._wheel.close()
         return finished, cancelled, closed
+
+
+def _nothing() -> None:
+    pass
