@@ -10,7 +10,8 @@ Two measurements, each in rotating rounds, all servers pinned to CPU 0 and this 
 - `aiohttp` against `raw`: the same stream of lines into a minimal aiohttp handler that only counts lines
   (`request.content.iter_any()`, as the gateway reads it) and into a plain asyncio.Protocol that parses the chunked
   coding itself. Their difference is what aiohttp's per-chunk path (parser callbacks, StreamReader, the handler
-  task's wake-up) costs per event, i.e. what an ingest protocol of the gateway's own would save.
+  task's wake-up) costs per event, i.e. what the gateway's own ingest protocol (gateway/transport/ingest.py, which
+  now reads these streams) saves.
 
 Not a test and never part of the normal test run. Figures: bench/README.md, "Per event at k = 1".
 
