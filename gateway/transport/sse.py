@@ -151,7 +151,7 @@ class EventSourceService:
         self._wheel = wheel
         self.connections: set[SseConnection] = set()
         # Called after each connection is added (the composition root hooks the collector policy, gateway.gcpolicy).
-        self.on_open: Callable[[], None] = _nothing
+        self.on_open: Callable[[], None] = lambda: None
         self._loop: asyncio.AbstractEventLoop | None = None
 
     @property
@@ -219,6 +219,3 @@ def _retrieved(task: asyncio.Task[Any]) -> None:
     if not task.cancelled() and task.exception() is not None:
         log.error("resuming an event stream failed", exc_info=task.exception())
 
-
-def _nothing() -> None:
-    pass

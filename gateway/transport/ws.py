@@ -227,7 +227,7 @@ class WebSocketService:
                              max_depth=settings.max_json_depth)
         self.connections: set[WsConnection] = set()
         # Called after each connection is added (the composition root hooks the collector policy, gateway.gcpolicy).
-        self.on_open: Callable[[], None] = _nothing
+        self.on_open: Callable[[], None] = lambda: None
         self.counts = counts or UserCounts()  # shared with the event streams: one cap per user
         self._picows_log = picows_log  # what picows logs a peer's protocol errors through
         self._requests: set[asyncio.Task[Any]] = set()
@@ -385,7 +385,3 @@ class WebSocketService:
         if self._wheel is not None:
             self._wheel.close()
         return finished, cancelled, closed
-
-
-def _nothing() -> None:
-    pass
