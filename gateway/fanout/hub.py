@@ -425,12 +425,8 @@ class Hub:
             event = events[0]
             for acc in owners.get(event.username) or self._uncovered(event.username):
                 changed = self._take(acc, event.typeStates)
-                if changed is None:
-                    pass
-                elif self._coalesce:
+                if changed is not None:
                     self._push(acc, changed)
-                else:
-                    self.deliver(acc, changed)
         else:
             merged: dict[str, dict[str, str]] = {}
             for event in events:

@@ -30,7 +30,7 @@ from gateway.logs import ClientMistakes
 from gateway.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from gateway.metrics import Metrics
 from gateway.transport.front import RequestHead, UpgradeHandler
-from gateway.transport.ingest import NDJSON, check_admin
+from gateway.transport.ingest import NDJSON, check_admin, stopped
 from gateway.transport.sse import EVENT_SOURCE_PATHS
 from gateway.upstream.base import RequestPath, SessionContext
 
@@ -197,7 +197,7 @@ async def _event_stream(request: web.Request, services: HttpServices) -> web.Res
             accepted += len(events)
     if lines.failure is not None:
         status, detail = lines.failure
-        raise HTTPProblem(status, f"{detail}; the {accepted} events before it were published.")
+        raise stopped(status, detail, accepted)
     return _json_response({"accepted": accepted}, status=202)
 
 

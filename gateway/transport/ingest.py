@@ -35,8 +35,7 @@ from gateway.transport.front import LINGER, RequestHead
 log = logging.getLogger(__name__)
 
 NDJSON = "application/x-ndjson"
-PATH = "/admin/events"
-ROUTE = "/admin/events"  # the route label of gateway_http_requests_total, as aiohttp's requests get it
+PATH = "/admin/events"  # also the route label of gateway_http_requests_total, as aiohttp's requests get it
 
 
 def check_admin(token: str | None, authorization: str | None) -> None:
@@ -49,6 +48,11 @@ def check_admin(token: str | None, authorization: str | None) -> None:
                           headers={"WWW-Authenticate": 'Bearer realm="admin"'})
     if not hmac.compare_digest(value.strip().encode(), token.encode()):
         raise HTTPProblem(403, "The admin token is not valid.")
+
+
+def stopped(status: int, detail: str, accepted: int) -> HTTPProblem:
+    """The answer to a stream stopped by a line or its framing, with what it had published (both readers)."""
+    return HTTPProblem(status, f"{detail}; the {accepted} events before it were published.")
 
 
 def is_ingest(head: RequestHead) -> bool:
@@ -79,7 +83,7 @@ class IngestService:
             if expect is not None and expect.lower() != "100-continue":
                 raise HTTPProblem(417, "The only expectation this server meets is 100-continue.")
         except HTTPProblem as problem:
-            self.count(ROUTE, problem.status)
+            self.count(PATH, problem.status)
             raise
         if expect is not None and head.version == "HTTP/1.1":
             transport.write(b"HTTP/1.1 100 Continue\r\n\r\n")  # RFC 9110 §10.1.1
@@ -184,9 +188,9 @@ class IngestProtocol(asyncio.Protocol):
         if failure is not None:
             status, detail = failure
             self._service.mistakes.report("ingest-bad-line", "event stream: %s", detail)
-            self.fail(HTTPProblem(status, f"{detail}; the {self.accepted} events before it were published."))
+            self.fail(stopped(status, detail, self.accepted))
         elif self._fault is not None:
-            self.fail(HTTPProblem(400, f"{self._fault}; the {self.accepted} events before it were published."))
+            self.fail(stopped(400, self._fault, self.accepted))
         elif self._complete:
             self._accepted()
 
@@ -219,7 +223,7 @@ class IngestProtocol(asyncio.Protocol):
     def _accepted(self) -> None:
         self.finished = True
         self._service.streams.discard(self)
-        self._service.count(ROUTE, 202)
+        self._service.count(PATH, 202)
         transport = self._transport
         if transport.is_closing():
             return
@@ -235,7 +239,7 @@ class IngestProtocol(asyncio.Protocol):
             return
         self.finished = True
         self._service.streams.discard(self)
-        self._service.count(ROUTE, problem_of(error).status)
+        self._service.count(PATH, problem_of(error).status)
         transport = self._transport
         if transport.is_closing():
             return

@@ -50,7 +50,7 @@ async def one_of_each(gw: Gateway, n: int) -> None:
                      f"Authorization: {basic(BOB)}\r\n\r\n".encode())
         await reader.readuntil(b"\r\n\r\n")
         streams.append((reader, writer))
-    while len(gw.hub._subs) < 2 * n:  # every enable taken
+    while gw.hub.subscriptions < 2 * n:  # every enable taken
         await asyncio.sleep(0.01)
     event = json.dumps({"type": STATE_CHANGE_EVENT, "username": BOB[0], "typeStates": {"Email": "x"}}).encode()
     reader, writer = await asyncio.open_connection("127.0.0.1", gw.port)
@@ -70,7 +70,7 @@ async def one_of_each(gw: Gateway, n: int) -> None:
         await ws.close()
     for _, stream_writer in streams:
         stream_writer.close()
-    while gw.connections or gw.eventsource.connections or gw.hub._subs:
+    while gw.connections or gw.eventsource.connections or gw.hub.subscriptions:
         await asyncio.sleep(0.01)
     await asyncio.sleep(0.1)  # the transports' own closing callbacks
 
