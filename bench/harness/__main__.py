@@ -57,6 +57,8 @@ def parse(argv: list[str]) -> argparse.Namespace:
     # 1. single-account fan-out
     p.add_argument("--ks", type=_ints, default=[1, 100, 1000, 10000], help="sessions of the one account")
     p.add_argument("--events-scale", type=float, default=None, help="multiplies the events per measurement")
+    p.add_argument("--interleave", type=int, default=10,
+                   help="events per turn when the systems take turns within a pair (0: one whole series each)")
     # 2. many accounts
     p.add_argument("--layouts", type=_layouts, default=[(10000, 10000), (10000, 1000)], help="sessions:accounts,...")
     p.add_argument("--rates", type=_ints, default=None, help="offered events/s, increasing")
@@ -163,7 +165,7 @@ async def run(a: argparse.Namespace) -> int:
         os.sched_setaffinity(0, a.load_cpus)  # the publisher runs with the load, off the server's core
     results: dict[str, Any] = {"started": time.strftime("%Y-%m-%d %H:%M:%S"), "machine": machine(),
                                "command": " ".join(["python -m bench.harness", *sys.argv[1:]]),
-                               "quick": a.quick, "pairs": a.pairs,
+                               "quick": a.quick, "pairs": a.pairs, "interleave": a.interleave,
                                "server_cpus": a.server_cpus, "load_cpus": a.load_cpus, "workers": a.workers,
                                "scenarios": {}}
     progress.log(f"fan-out harness: scenarios {','.join(a.scenarios)}, {a.pairs} pairs, server cpus "

@@ -113,7 +113,10 @@ def section_single(s: dict[str, Any]) -> list[str]:
     lines = ["## 1. Single-account fan-out", "",
              "One account with k sessions; events one at a time (each waits for its last receipt). Deliveries per "
              "CPU-second = deliveries / CPU time the server process used (schedstat), i.e. per core. Wall figures "
-             "include the load generator and the machine's other work. Latency: publish → each receipt.", ""]
+             "include the load generator and the machine's other work. Latency: publish → each receipt. "
+             + (f"Within a pair the systems take turns every {s['interleave']} events (the order rotating per turn), "
+                "so that every system meets the machine's same conditions."
+                if s.get("interleave") else "Within a pair each system runs its whole series in turn."), ""]
     gw_ratio = s.get("ratios", {})
     for k in s["ks"]:
         rows = []
