@@ -134,6 +134,7 @@ class StepResult:
     achieved_rate: float
     aborted: str | None = None
     merged: int = 0  # events delivered as part of a newer state for their account (loadgen.record)
+    server_cpu_us_per_event: float | None = None  # the server's CPU over the step and its drain, per event sent
     extra: dict[str, Any] = field(default_factory=dict)
 
     def as_dict(self) -> dict[str, Any]:
@@ -572,4 +573,5 @@ class Bench:
                           received=counts["count"], latency=summarize(hist), cdf=cdf_points(hist),
                           pub_lag=summarize(lag), server_cpu_util=round(cpu_s / 1e9 / busy, 3),
                           load_cpu_util=round(cpu_l / 1e9 / busy, 3), achieved_rate=round(sent / elapsed, 1),
-                          aborted=aborted, merged=counts.get("merged", 0), extra={"hist": encode_hist(hist)})
+                          aborted=aborted, merged=counts.get("merged", 0), extra={"hist": encode_hist(hist)},
+                          server_cpu_us_per_event=round(cpu_s / 1e3 / sent, 1) if sent else None)

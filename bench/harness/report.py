@@ -147,6 +147,9 @@ def section_many(s: dict[str, Any]) -> list[str]:
         lines += [f"**{lay['sessions']:,} sessions over {lay['accounts']:,} accounts**", ""]
         names = _sorted(lay["systems"])
         rates = sorted({int(r) for n in names for r in lay["systems"][n]["by_rate"]})
+        # Runs before the harness recorded it have no CPU per event: no column of n/a then.
+        has_cpu = any(br.get("server_cpu_us_per_event") is not None
+                      for n in names for br in lay["systems"][n]["by_rate"].values())
         rows = []
         for rate in rates:
             row = [f"{rate:,}"]
@@ -159,12 +162,20 @@ def section_many(s: dict[str, Any]) -> list[str]:
                 row.append(f"{_ms(br['p50_us'])} / {_ms(br['p99_us'])}{mark}")
             ratio = lay.get("ratios", {}).get("nchan", {}).get("p99", {}).get(str(rate))
             row.append(_ratio(ratio) if ratio else "n/a")
-            loads = [lay["systems"][n]["by_rate"][str(rate)]["load_cpu_util"] for n in names
-                     if str(rate) in lay["systems"][n]["by_rate"]]
-            row.append(_f(max((x for x in loads if x is not None), default=None), 2))
+            here = [lay["systems"][n]["by_rate"][str(rate)] for n in names if str(rate) in lay["systems"][n]["by_rate"]]
+            row.append(_f(max((x["load_cpu_util"] for x in here if x["load_cpu_util"] is not None), default=None), 2))
+            # The publisher's own lateness: a late publisher sends a burst, and a burst's last events wait for the
+            # ones before them at the server and at the receivers (the tail then measures the load generator).
+            row.append(_ms(max((x["pub_lag_p99_us"] for x in here if x.get("pub_lag_p99_us") is not None),
+                               default=None)))
+            if has_cpu:
+                row.append(" / ".join(_f(lay["systems"][n]["by_rate"].get(str(rate), {}).get(
+                    "server_cpu_us_per_event"), 0) for n in names))
             rows.append(row)
+        cpu_head = ["server CPU µs per event (" + " / ".join(lay["systems"][n]["label"] for n in names) + ")"]
         lines += _table(["offered ev/s", *[f"{lay['systems'][n]['label']} p50/p99 ms" for n in names],
-                         "p99 gateway / nchan", "load-generator CPU (max)"], rows)
+                         "p99 gateway / nchan", "load-generator CPU (max)", "publisher lag p99 ms (max)",
+                         *(cpu_head if has_cpu else [])], rows)
         lines += ["", "Highest offered rate with p99 < 50 ms (median over pairs): " + ", ".join(
             f"{lay['systems'][n]['label']} {_f(lay['systems'][n]['max_rate_p99_under_50ms']['median'])} ev/s"
             for n in names) + ".", ""]

@@ -305,6 +305,7 @@ def _by_rate(pairs: list[list[dict[str, Any]]]) -> dict[str, Any]:
             "server_cpu_util": _median([st["server_cpu_util"] for st in sts]),
             "load_cpu_util": _median([st["load_cpu_util"] for st in sts]),
             "pub_lag_p99_us": _median([st["pub_lag"].get("p99_us") for st in sts]),
+            "server_cpu_us_per_event": _median([st.get("server_cpu_us_per_event") for st in sts]),
         }
     return out
 

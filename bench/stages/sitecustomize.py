@@ -1,0 +1,50 @@
+"""Cuts the gateway's event path short at one stage, for bench/event_stages.py (never imported otherwise).
+
+Python imports `sitecustomize` at start-up from the path; event_stages.py puts this directory on PYTHONPATH of the
+gateway process it measures, with BENCH_STAGE naming where the event path ends:
+
+- `wake`: the ingest protocol's data_received returns at once (the loop's wake-up, the read, the call into Python);
+- `decode`: the body is parsed (llhttp) and its lines decoded, but nothing is published;
+- `frame`: events reach the hub, which writes one prebuilt StateChange frame to the account's sessions through its
+  usual broadcast (the hub's state keeping and encoding are skipped);
+- `full` (or unset): the gateway as it ships.
+
+Benchmark scaffolding only: it replaces methods of the gateway's classes and knows their internals.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+STAGE = os.environ.get("BENCH_STAGE", "full")
+
+if STAGE == "wake":
+    from gateway.transport import ingest
+
+    def _drop(self: Any, data: bytes) -> None:
+        return None
+
+    ingest.IngestProtocol.data_received = _drop  # type: ignore[method-assign]
+elif STAGE == "decode":
+    from gateway.transport import ingest
+
+    _init = ingest.IngestProtocol.__init__
+
+    def _init_unpublished(self: Any, *args: Any, **kwargs: Any) -> None:
+        _init(self, *args, **kwargs)
+        self._publish_now = lambda events: None
+
+    ingest.IngestProtocol.__init__ = _init_unpublished  # type: ignore[method-assign]
+elif STAGE == "frame":
+    from gateway.fanout import hub
+
+    _BODY = b'{"@type":"StateChange","changed":{"a":{"Email":"s1"}},"pushState":"' + b"p" * 300 + b'"}'
+
+    def _prebuilt(self: Any, events: Any) -> None:
+        for event in events:
+            acc = self.account_id(event.username)
+            for group in (self._index.get(acc) or {}).values():
+                self._broadcast(group.targets, bytearray(hub.HEADROOM) + _BODY, None, acc, event.typeStates)
+
+    hub.Hub.on_events = _prebuilt  # type: ignore[method-assign]
