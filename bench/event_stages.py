@@ -13,7 +13,8 @@ The sessions are minimal WebSocket clients of this process's own (pinned to CPU 
 so that their cost does not compete with the measured process. `--perf` records the `full` stage with
 `perf record -e cpu-clock` (no hardware counters needed) and prints the share of the kernel and of user space.
 
-Not a test and never part of the normal test run. Figures: bench/README.md, "Per event, side by side by turns".
+Not a test and never part of the normal test run. Figures: bench/README.md, "Per event, measured by turns, stage
+by stage".
 
     .venv/bin/python bench/event_stages.py --shape k1 --rounds 4 --events 2000
     .venv/bin/python bench/event_stages.py --shape many --accounts 10000 --rate 4000 --seconds 5 --rounds 3 --perf
