@@ -36,16 +36,14 @@ from pathlib import Path
 
 import uvloop
 from event_cost import HEAD, TOKEN, chunk, free_port
+from gc_pauses import masked_text
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+from bench.harness.systems import cpu_ns  # noqa: E402  (the harness's reading: schedstat of every thread)
+
 STAGES = ("wake", "decode", "frame", "full")
 STREAMS = 4
-
-
-def cpu_ns(pid: int) -> int:
-    """CPU time of every thread of `pid` (schedstat, ns)."""
-    return sum(int(Path(f"/proc/{pid}/task/{tid}/schedstat").read_text().split()[0])
-               for tid in os.listdir(f"/proc/{pid}/task"))
 
 
 class Session(asyncio.Protocol):
@@ -73,11 +71,8 @@ class Session(asyncio.Protocol):
             return
         self.head += data
         if b"\r\n\r\n" in self.head:
-            enable = b'{"@type":"WebSocketPushEnable","dataTypes":null}'
-            mask = b"\x01\x02\x03\x04"  # a client's frames are masked (RFC 6455 §5.3)
             assert self.transport is not None
-            self.transport.write(bytes((0x81, 0x80 | len(enable))) + mask
-                                 + bytes(b ^ mask[i % 4] for i, b in enumerate(enable)))
+            self.transport.write(masked_text(b'{"@type":"WebSocketPushEnable","dataTypes":null}'))
             self.ready.set_result(None)
 
 
@@ -136,16 +131,16 @@ async def measure(stage: str, args: argparse.Namespace, perf: str | None) -> dic
 
         await run(1.0, 300)  # warm-up
         await asyncio.sleep(0.2)
-        received, cpu0 = Session.received, cpu_ns(proc.pid)
+        received, cpu0 = Session.received, cpu_ns([proc.pid])
         tracer = None
         if perf:
             tracer = subprocess.Popen(["perf", "record", "-q", "-e", "cpu-clock", "-F", "4000", "-p", str(proc.pid),
                                        "-o", perf], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
             await asyncio.sleep(0.5)
-            cpu0 = cpu_ns(proc.pid)
+            cpu0 = cpu_ns([proc.pid])
         sent = await run(args.seconds, args.events)
         await asyncio.sleep(0.3)  # the last pushes
-        cpu = cpu_ns(proc.pid) - cpu0
+        cpu = cpu_ns([proc.pid]) - cpu0
         if tracer is not None:
             tracer.send_signal(2)
             tracer.wait()
@@ -182,7 +177,7 @@ async def main(args: argparse.Namespace) -> None:
     print(f"gateway CPU per event ({shape}), median of {args.rounds} rounds:")
     previous = 0.0
     for stage in STAGES:
-        print(f"  {stage:>6}: {med[stage]:6.1f} µs  (+{med[stage] - previous:.1f})")
+        print(f"  {stage:>6}: {med[stage]:6.1f} µs  ({med[stage] - previous:+.1f})")
         previous = med[stage]
     if args.perf:
         with tempfile.TemporaryDirectory() as tmp:
