@@ -11,7 +11,8 @@ stage costs. The rounds rotate the stages, so that the machine's drift hits ever
 
 The sessions are minimal WebSocket clients of this process's own (pinned to CPU 1) that only count what arrives,
 so that their cost does not compete with the measured process. `--perf` records the `full` stage with
-`perf record -e cpu-clock` (no hardware counters needed) and prints the share of the kernel and of user space.
+`perf record -e cpu-clock` (no hardware counters needed) and prints the share of the kernel and of user space;
+`--flamegraph SVG` records it with py-spy (native frames included) into a flame graph.
 
 Not a test and never part of the normal test run. Figures: bench/README.md, "Per event, measured by turns, stage
 by stage".
@@ -76,7 +77,16 @@ class Session(asyncio.Protocol):
             self.ready.set_result(None)
 
 
-async def measure(stage: str, args: argparse.Namespace, perf: str | None) -> dict[str, float]:
+def tracer_command(kind: str, path: str, pid: int) -> list[str]:
+    """`perf`: cpu-clock samples (no hardware counters needed); `flamegraph`: py-spy with native frames, as SVG."""
+    if kind == "perf":
+        return ["perf", "record", "-q", "-e", "cpu-clock", "-F", "4000", "-p", str(pid), "-o", path]
+    pyspy = Path(sys.executable).with_name("py-spy")  # the `bench` extra installs it into the venv
+    return [str(pyspy) if pyspy.exists() else "py-spy", "record", "--native", "--rate", "1000",
+            "--format", "flamegraph", "--pid", str(pid), "--output", path]
+
+
+async def measure(stage: str, args: argparse.Namespace, trace: tuple[str, str] | None = None) -> dict[str, float]:
     port = free_port()
     users = [f"u{i:05d}" for i in range(args.accounts if args.shape == "many" else 1)]
     env = dict(os.environ, GATEWAY_HOST="127.0.0.1", GATEWAY_PORT=str(port),
@@ -133,9 +143,9 @@ async def measure(stage: str, args: argparse.Namespace, perf: str | None) -> dic
         await asyncio.sleep(0.2)
         received, cpu0 = Session.received, cpu_ns([proc.pid])
         tracer = None
-        if perf:
-            tracer = subprocess.Popen(["perf", "record", "-q", "-e", "cpu-clock", "-F", "4000", "-p", str(proc.pid),
-                                       "-o", perf], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        if trace:
+            tracer = subprocess.Popen(tracer_command(trace[0], trace[1], proc.pid), stdout=subprocess.DEVNULL,
+                                      stderr=subprocess.DEVNULL)
             await asyncio.sleep(0.5)
             cpu0 = cpu_ns([proc.pid])
         sent = await run(args.seconds, args.events)
@@ -167,34 +177,39 @@ async def main(args: argparse.Namespace) -> None:
     results: dict[str, list[dict[str, float]]] = {s: [] for s in STAGES}
     for r in range(args.rounds):
         for stage in STAGES[r % len(STAGES):] + STAGES[:r % len(STAGES)]:
-            res = await measure(stage, args, None)
+            res = await measure(stage, args)
             results[stage].append(res)
             print(f"round {r + 1} {stage}: {res['us_per_event']:.1f} µs/event ({res['received']:.0f} pushes for "
                   f"{res['sent']:.0f} events)", flush=True)
-    med = {s: statistics.median(x["us_per_event"] for x in results[s]) for s in STAGES}
-    shape = "one session, events 2 ms apart" if args.shape == "k1" else \
-        f"{args.accounts} accounts of one session, {args.rate} events/s"
-    print(f"gateway CPU per event ({shape}), median of {args.rounds} rounds:")
-    previous = 0.0
-    for stage in STAGES:
-        print(f"  {stage:>6}: {med[stage]:6.1f} µs  ({med[stage] - previous:+.1f})")
-        previous = med[stage]
+    if args.rounds:
+        med = {s: statistics.median(x["us_per_event"] for x in results[s]) for s in STAGES}
+        shape = "one session, events 2 ms apart" if args.shape == "k1" else \
+            f"{args.accounts} accounts of one session, {args.rate} events/s"
+        print(f"gateway CPU per event ({shape}), median of {args.rounds} rounds:")
+        previous = 0.0
+        for stage in STAGES:
+            print(f"  {stage:>6}: {med[stage]:6.1f} µs  ({med[stage] - previous:+.1f})")
+            previous = med[stage]
     if args.perf:
         with tempfile.TemporaryDirectory() as tmp:
             path = str(Path(tmp) / "perf.data")
-            await measure("full", args, path)
+            await measure("full", args, ("perf", path))
             print("full stage, perf cpu-clock samples:", perf_split(path))
+    if args.flamegraph:
+        await measure("full", args, ("flamegraph", str(Path(args.flamegraph).resolve())))
+        print(f"full stage, py-spy flame graph: {args.flamegraph}")
 
 
 if __name__ == "__main__":
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--shape", choices=["k1", "many"], default="k1")
-    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--rounds", type=int, default=3, help="rounds of the four stages (0: only --perf/--flamegraph)")
     p.add_argument("--events", type=int, default=2000, help="events per measurement (k1)")
     p.add_argument("--accounts", type=int, default=10000, help="accounts, one session each (many)")
     p.add_argument("--rate", type=int, default=4000, help="events/s (many)")
     p.add_argument("--seconds", type=float, default=5.0, help="seconds per measurement (many)")
     p.add_argument("--perf", action="store_true", help="also profile the full stage with perf (cpu-clock)")
+    p.add_argument("--flamegraph", metavar="SVG", help="also profile the full stage with py-spy (native frames)")
     a = p.parse_args()
     os.sched_setaffinity(0, [1])
     uvloop.run(main(a))

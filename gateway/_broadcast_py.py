@@ -1,14 +1,25 @@
-"""Pure-Python twin of the compiled broadcast loop (`native/gateway/_broadcast.pyx`): identical behaviour.
+"""Pure-Python twin of the compiled push path (`native/gateway/_broadcast.pyx`): identical behaviour.
 
 `broadcast` writes one pre-encoded StateChange frame to every target of a fan-out group, with no
 per-recipient encoding, allocation of tasks or awaiting (DESIGN.md §3). A paused target (its socket's write
 buffer is over the high-water mark) gets the change merged into its pending StateChange instead: newest state
 per account and type wins, so memory per slow client stays bounded by the accounts and types it covers.
+
+`Lane` is the hub's bus handler for the usual event (one account, one plain variant of sessions): it records the
+states, encodes the StateChange with its pushState and broadcasts it; anything else goes to the hub's own path.
 """
 
 from __future__ import annotations
 
+from bisect import bisect_left as _bisect_left
+from collections.abc import Callable, Sequence
+from time import perf_counter as _perf_counter
 from typing import Any
+
+import msgspec as _msgspec
+
+from gateway.fanout import pushstate as _pushstate
+from gateway.jmap.types import StateChange as _StateChange
 
 TEXT = 1
 HEADROOM = 14  # room before the payload for the largest server frame header (RFC 6455 §5.2)
@@ -75,3 +86,110 @@ def broadcast(targets: dict[Target, None], plain: bytearray, compressed: bytearr
             target.transport.send_reuse_external_bytearray(TEXT, plain, HEADROOM)
         written += 1
     return written
+
+
+# --- the one-event push ------------------------------------------------------------------------------------
+
+_WEBSOCKET = 0  # the hub's framing of an RFC 8887 StateChange message (gateway.fanout.hub.WEBSOCKET)
+
+# Upper bounds (seconds) of the fan-out time histogram: a bus batch in to its last write.
+FANOUT_BOUNDS = (1e-5, 5e-5, 1e-4, 5e-4, 1e-3, 5e-3, 0.01, 0.05, 0.1, 0.5, 1.0)
+
+
+class Stats:
+    """Plain counters the metrics layer reads at scrape time; the hub never talks to Prometheus itself (a
+    Prometheus observation costs a lock and a search per batch; this costs a few comparisons and an increment)."""
+
+    __slots__ = ("_counts", "events", "fanout_sum", "merged", "pushes")
+
+    def __init__(self) -> None:
+        self.events = 0
+        self.pushes = 0
+        self.merged = 0
+        self.fanout_sum = 0.0
+        self._counts = [0] * (len(FANOUT_BOUNDS) + 1)  # per bucket (not cumulative); the last is +Inf
+
+    @property
+    def fanout_counts(self) -> list[int]:
+        return list(self._counts)
+
+    def fanout(self, seconds: float) -> None:
+        self._counts[_bisect_left(FANOUT_BOUNDS, seconds)] += 1
+        self.fanout_sum += seconds
+
+
+_encoder = _msgspec.json.Encoder()
+
+
+def encode_state_change(account_id: str, changed: dict[str, str], states: dict[str, str]) -> bytearray:
+    """The plain frame (HEADROOM bytes, then the StateChange JSON) that the Lane writes for one-account sessions:
+    `changed` pushed for `account_id`, whose states are `states`."""
+    token = _pushstate.encode({account_id: states})
+    plain = bytearray(512)  # room for a usual StateChange: encode_into keeps the capacity and sets the length
+    _encoder.encode_into(_StateChange(changed={account_id: changed}, pushState=token), plain, HEADROOM)
+    return plain
+
+
+class Lane:
+    """The bus handler of the hub (gateway.fanout.hub): takes the usual event itself, hands anything else to the hub.
+
+    The usual event is a batch of one event for one covered account whose sessions share one variant of plain
+    WebSocket pushes: own account, every type (no dataTypes filter). The Lane reads and writes the hub's own
+    dicts (never copies of them), so the hub's resume and ledger logic see exactly what its Python path would
+    have left. While the hub watches reads in flight, every event goes to the hub.
+    """
+
+    __slots__ = ("_compress", "_deliver", "_index", "_owners", "_slow", "_states", "_stats", "_watches")
+
+    def __init__(self, *, owners: dict[str, dict[str, int]], states: dict[str, dict[str, str]],
+                 index: dict[str, dict[Any, Any]], watches: list[Any], stats: Stats,
+                 slow: Callable[[Sequence[Any]], None], deliver: Callable[[str, dict[str, str]], int],
+                 compress: Callable[[memoryview], bytes | None] | None = None) -> None:
+        self._owners = owners
+        self._states = states
+        self._index = index
+        self._watches = watches
+        self._stats = stats
+        self._slow = slow
+        self._deliver = deliver
+        self._compress = compress
+
+    def __call__(self, events: Sequence[Any]) -> None:
+        started = _perf_counter()
+        if len(events) != 1 or self._watches:
+            self._slow(events)
+            return
+        event = events[0]
+        accounts = self._owners.get(event.username)
+        if accounts is None or len(accounts) != 1:
+            self._slow(events)
+            return
+        account_id = next(iter(accounts))
+        known = self._states.get(account_id)
+        groups = self._index.get(account_id)
+        if known is None or groups is None or len(groups) != 1:
+            self._slow(events)
+            return
+        key, group = next(iter(groups.items()))
+        if key[1] is not None or key[2] != _WEBSOCKET or len(key[0]) != 1:
+            self._slow(events)
+            return
+        type_states = event.typeStates
+        self._stats.events += 1
+        known.update(type_states)
+        if type_states:
+            self._push(account_id, type_states, known, group)
+        self._stats.fanout(_perf_counter() - started)
+
+    def _push(self, account_id: str, type_states: dict[str, str], known: dict[str, str], group: Any) -> None:
+        plain = encode_state_change(account_id, type_states, known)
+        targets = group.targets
+        compressed = None
+        if group.deflate_count and self._compress is not None:
+            # Compressed once for every recipient that negotiated permessage-deflate (DESIGN.md §3).
+            deflated = self._compress(memoryview(plain)[HEADROOM:])
+            if deflated is not None:
+                compressed = bytearray(HEADROOM) + deflated
+        written = broadcast(targets, plain, compressed, account_id, type_states)
+        self._stats.pushes += written
+        self._stats.merged += len(targets) - written

@@ -23,7 +23,7 @@ from gateway.config import Settings
 from gateway.deflate import Compression
 from gateway.directory import Directory
 from gateway.errors import ListenError
-from gateway.fanout.hub import FANOUT_BOUNDS, Hub
+from gateway.fanout.hub import Hub
 from gateway.gcpolicy import PAUSE_BOUNDS, GcPolicy
 from gateway.logs import ClientMistakes, PicowsLog
 from gateway.metrics import Metrics, counter, counters, gauge, histogram
@@ -182,7 +182,7 @@ class Gateway:
         yield counter("gateway_slow_client_merges", "StateChanges merged for paused sockets", stats.merged)
         yield gauge("gateway_push_subscriptions", "Push-enabled sessions", self.hub.subscriptions)
         yield histogram("gateway_fanout_seconds", "A bus batch in to its last write (one batch: one loop turn)",
-                        FANOUT_BOUNDS, stats.fanout_counts, stats.fanout_sum)
+                        self.broadcast.FANOUT_BOUNDS, stats.fanout_counts, stats.fanout_sum)
         yield gauge("gateway_gc_frozen_objects", "Objects frozen out of full collections (GATEWAY_GC_FREEZE_AFTER)",
                     self.gc.frozen)
         yield counter("gateway_gc_freezes", "Times long-lived objects were frozen", self.gc.freezes)

@@ -43,6 +43,9 @@ def parse(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--scenarios", default=",".join(DEFAULT_ORDER),
                    help="comma list of single,many,idle,slow,e2e,churn,profile (default: all but profile)")
     p.add_argument("--profile", action="store_true", help="also run py-spy on the gateway under fan-out")
+    p.add_argument("--baseline", default=None, metavar="DIR",
+                   help="also run the gateway of this checkout (another commit, `make native` done there) as "
+                        "gateway-base, side by side in scenarios 1 and 2")
     p.add_argument("--systems", default="", help="restrict to these (gateway,nchan,node-ws,websockets,floor)")
     p.add_argument("--pairs", type=int, default=None, help="repetitions per figure (default 5; --quick 2)")
     p.add_argument("--workers", type=int, default=8, help="load-generator processes")

@@ -308,6 +308,8 @@ class Bench:
             if self.args.systems and base not in self.args.systems:
                 continue
             why = sysmod.available(name)
+            if name == "gateway-base" and not self.args.baseline:
+                continue  # only with --baseline
             if why:
                 if name not in self.skipped:
                     self.progress.log(f"skipping {name}: {why}")
@@ -325,6 +327,8 @@ class Bench:
             s = sysmod.Gateway(publish="post", **kw)
         elif name == "gateway-sse":
             s = sysmod.Gateway(sse=True, **kw)
+        elif name == "gateway-base":
+            s = sysmod.Gateway(root=Path(self.args.baseline).resolve(), **kw)
         else:
             s = sysmod.SYSTEMS[name](**kw)
         s.pad = self.pad

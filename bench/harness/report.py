@@ -8,8 +8,10 @@ from pathlib import Path
 from typing import Any
 
 KIB = 1024
-ORDER = ["gateway", "gateway-post", "gateway-sse", "gateway-amqp", "nchan", "node-ws", "websockets", "floor"]
-COLORS = {"gateway": "#1f77b4", "gateway-post": "#aec7e8", "gateway-sse": "#d62728", "gateway-amqp": "#17becf",
+ORDER = ["gateway", "gateway-base", "gateway-post", "gateway-sse", "gateway-amqp", "nchan", "node-ws", "websockets",
+         "floor"]
+COLORS = {"gateway": "#1f77b4", "gateway-base": "#8c564b",
+          "gateway-post": "#aec7e8", "gateway-sse": "#d62728", "gateway-amqp": "#17becf",
           "nchan": "#2ca02c", "node-ws": "#ff7f0e", "websockets": "#9467bd", "floor": "#7f7f7f"}
 
 

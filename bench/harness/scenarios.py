@@ -29,11 +29,12 @@ from bench.harness.core import (
 )
 
 # gateway-sse: the same gateway, its sessions subscribed over RFC 8620 §7.3 event streams instead of WebSockets.
-SINGLE = ("gateway", "gateway-post", "gateway-sse", "nchan", "node-ws", "websockets", "floor")
+# gateway-base: another checkout's gateway (--baseline), for a change's effect measured in the same run.
+SINGLE = ("gateway", "gateway-base", "gateway-post", "gateway-sse", "nchan", "node-ws", "websockets", "floor")
 PEERS = ("gateway", "nchan", "node-ws", "websockets")
 # The publish-path scenarios also run the gateway fed one POST per event (the peers' contract), beside the NDJSON
 # stream its injectors use, so that both figures come from one run.
-PUBLISHING = ("gateway", "gateway-post", "nchan", "node-ws", "websockets")
+PUBLISHING = ("gateway", "gateway-base", "gateway-post", "nchan", "node-ws", "websockets")
 P99_LIMIT_US = 50_000
 
 

@@ -294,15 +294,21 @@ class Gateway(System):
     label = "jmap-push-gateway"
     gateway = True
 
-    def __init__(self, *, bus: str = "memory", publish: str = "ndjson", sse: bool = False, **kw: Any) -> None:
+    def __init__(self, *, bus: str = "memory", publish: str = "ndjson", sse: bool = False,
+                 root: Path | None = None, **kw: Any) -> None:
         """`publish`: "ndjson" streams events to `POST /admin/events` (one long request, a line per event, the
         injector path issue 13 built), "post" sends one request per event (the peers' contract). `sse`: the
-        sessions subscribe over RFC 8620 §7.3 event streams (`eventSourceUrl`) instead of WebSockets."""
+        sessions subscribe over RFC 8620 §7.3 event streams (`eventSourceUrl`) instead of WebSockets. `root`: run
+        the gateway of another checkout (`--baseline`, its native modules built), as `gateway-base`."""
         super().__init__(**kw)
         self.bus = bus
         self.publish_via = publish
         self.sse = sse
-        if sse:
+        self.root = root
+        if root is not None:
+            self.name = "gateway-base"
+            self.label = "jmap-push-gateway (baseline checkout)"
+        elif sse:
             self.name = "gateway-sse"
             self.label = "jmap-push-gateway (EventSource)"
         elif bus != "memory":
@@ -326,6 +332,10 @@ class Gateway(System):
             "GATEWAY_LOG_LEVEL": "WARNING", "GATEWAY_REQUIRE_NATIVE": "1", "GATEWAY_BUS": self.bus,
             "PYTHONUNBUFFERED": "1",
         }
+        if self.root is not None:
+            # Its own package first on the path (the venv's editable install points at this checkout).
+            env["PYTHONPATH"] = str(self.root)
+            return [sys.executable, "-m", "gateway"], env, self.root
         return [sys.executable, "-m", "gateway"], env, ROOT
 
     def parse_listening(self, text: str) -> None:

@@ -47,4 +47,10 @@ elif STAGE == "frame":
             for group in (self._index.get(acc) or {}).values():
                 self._broadcast(group.targets, bytearray(hub.HEADROOM) + _BODY, None, acc, event.typeStates)
 
-    hub.Hub.on_events = _prebuilt  # type: ignore[method-assign]
+    _hub_init = hub.Hub.__init__
+
+    def _init_prebuilt(self: Any, *args: Any, **kwargs: Any) -> None:
+        _hub_init(self, *args, **kwargs)
+        self.on_events = _prebuilt.__get__(self)  # the bus handler is set per hub (the Lane, or the batch path)
+
+    hub.Hub.__init__ = _init_prebuilt  # type: ignore[method-assign]

@@ -3,7 +3,9 @@
 Flow (one way): bus -> `Hub.on_events` -> per account, per variant group -> one encoded frame -> `broadcast` to
 every target of the group. A variant is what makes the bytes differ: the session's covered accounts (they shape
 the pushState token) and its dataTypes filter. Sessions of one account with the same coverage and filter share
-one group, so an event for an account with 10,000 sessions is encoded once and written 10,000 times.
+one group, so an event for an account with 10,000 sessions is encoded once and written 10,000 times. The usual
+event (one account whose sessions share one plain variant) takes the same steps in the broadcast module's `Lane`,
+compiled, on the hub's own dicts; the methods here take every other batch.
 
 Which states the hub trusts (DESIGN.md §3 "resume never trusts stale state"):
 - An account is *covered* while at least one local session's subscription covers it; the bus is subscribed to its
@@ -28,7 +30,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from bisect import bisect_left
 from collections.abc import Awaitable, Callable, Collection, Coroutine, Iterable, Sequence
 from types import ModuleType
 from typing import Any
@@ -59,28 +60,6 @@ BIND_WAIT = 5.0
 # Back-off of re-reading accounts whose states the request path could not give (e.g. the upstream is down).
 RETRY_MIN = 1.0
 RETRY_MAX = 60.0
-
-
-# Upper bounds (seconds) of the fan-out time histogram: a bus batch in to its last write.
-FANOUT_BOUNDS = (1e-5, 5e-5, 1e-4, 5e-4, 1e-3, 5e-3, 0.01, 0.05, 0.1, 0.5, 1.0)
-
-
-class HubStats:
-    """Plain counters the metrics layer reads at scrape time; the hub never talks to Prometheus itself (a
-    Prometheus observation costs a lock and a search per batch; this costs a bisect and an increment)."""
-
-    __slots__ = ("events", "fanout_counts", "fanout_sum", "merged", "pushes")
-
-    def __init__(self) -> None:
-        self.events = 0
-        self.pushes = 0
-        self.merged = 0
-        self.fanout_counts = [0] * (len(FANOUT_BOUNDS) + 1)  # per bucket (not cumulative); the last is +Inf
-        self.fanout_sum = 0.0
-
-    def fanout(self, seconds: float) -> None:
-        self.fanout_counts[bisect_left(FANOUT_BOUNDS, seconds)] += 1
-        self.fanout_sum += seconds
 
 
 class Subscription:
@@ -123,7 +102,7 @@ class Hub:
         self._merge = broadcast_impl.merge
         self._coalesce = coalesce_ms / 1000.0
         self._compress = compress
-        self.stats = HubStats()
+        self.stats = broadcast_impl.Stats()
         self._index: dict[str, dict[VariantKey, Group]] = {}
         self._subs: dict[Any, Subscription] = {}  # target -> its subscription
         self._owner_refs: dict[str, int] = {}
@@ -150,6 +129,14 @@ class Hub:
         # Optional bus hooks (gateway.bus.base): who covers an owner, for a bus that reads with their credentials.
         self._joined: Callable[[str, Principal], None] | None = getattr(bus, "principal_joined", None)
         self._left: Callable[[str, Principal], None] | None = getattr(bus, "principal_left", None)
+        # The bus handler. The usual event (one account whose sessions share one plain variant) is taken by the
+        # Lane of the broadcast module, compiled: it records the states in the dicts above, encodes and writes
+        # with no Python frame per event. It hands every other batch to `_on_batch`; so does a coalescing window.
+        self.on_events: Callable[[Sequence[StateChangeEvent]], None] = self._on_batch
+        if not self._coalesce:
+            self.on_events = broadcast_impl.Lane(
+                owners=self._owner_accounts, states=self._states, index=self._index, watches=self._watches,
+                stats=self.stats, slow=self._on_batch, deliver=self.deliver, compress=compress)
 
     # --- registration --------------------------------------------------------------------------------------
 
@@ -411,8 +398,8 @@ class Hub:
             acc = self._account_ids[username] = account_id_for(username)
         return acc
 
-    def on_events(self, events: Sequence[StateChangeEvent]) -> None:
-        """The bus handler: take a batch of events synchronously (never awaits).
+    def _on_batch(self, events: Sequence[StateChangeEvent]) -> None:
+        """The bus handler's general path: take a batch of events synchronously (never awaits).
 
         Events of one batch are merged per account first (newest state per type wins, as a paused socket's pending
         push does), so an account moved several times in one batch is encoded once per variant and written once
@@ -420,26 +407,18 @@ class Hub:
         started = time.perf_counter()
         self.stats.events += len(events)
         owners = self._owner_accounts
-        if len(events) == 1:
-            # The usual batch (one event, one account): no merge dict.
-            event = events[0]
+        merged: dict[str, dict[str, str]] = {}
+        for event in events:
             for acc in owners.get(event.username) or self._uncovered(event.username):
-                changed = self._take(acc, event.typeStates)
-                if changed is not None:
-                    self._push(acc, changed)
-        else:
-            merged: dict[str, dict[str, str]] = {}
-            for event in events:
-                for acc in owners.get(event.username) or self._uncovered(event.username):
-                    if self._take(acc, event.typeStates) is None:
-                        continue
-                    states = merged.get(acc)
-                    if states is None:
-                        merged[acc] = dict(event.typeStates)
-                    else:
-                        states.update(event.typeStates)
-            for acc, states in merged.items():
-                self._push(acc, states)
+                if self._take(acc, event.typeStates) is None:
+                    continue
+                states = merged.get(acc)
+                if states is None:
+                    merged[acc] = dict(event.typeStates)
+                else:
+                    states.update(event.typeStates)
+        for acc, states in merged.items():
+            self._push(acc, states)
         self.stats.fanout(time.perf_counter() - started)
 
     def _uncovered(self, username: str) -> tuple[str, ...]:

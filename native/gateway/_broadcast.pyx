@@ -1,9 +1,11 @@
 # cython: language_level=3
-"""Compiled broadcast loop: writes one pre-encoded StateChange frame to every target of a fan-out group, and
-merges the change into the pending StateChange of targets whose socket is paused.
+"""The compiled push path: the broadcast loop, which writes one pre-encoded StateChange frame to every target of a
+fan-out group and merges the change into the pending StateChange of targets whose socket is paused; and the Lane,
+which takes the usual event (one account, one plain variant of sessions) from the bus to that loop in C.
 
-It does not encode, compress or own sockets; the hub does that. Its pure-Python twin with identical behaviour is
-gateway._broadcast_py; tests/unit/test_broadcast.py runs the same tests on both.
+It owns no sockets; the hub owns the index and the states that the Lane reads and writes. Its pure-Python twin
+with identical behaviour is gateway._broadcast_py; tests/unit/test_broadcast.py and tests/unit/test_lane.py run
+the same tests on both.
 """
 
 from cpython.dict cimport PyDict_Next
@@ -209,3 +211,390 @@ cdef Py_ssize_t _broadcast(dict targets, bytearray plain, bytearray compressed, 
         if PyDict_GET_SIZE(targets) != size:
             raise RuntimeError("dictionary changed size during iteration")
     return written
+
+
+# --- the one-event push ------------------------------------------------------------------------------------
+#
+# Most events name one account whose sessions share one plain variant (their own account, every type, WebSocket
+# framing). For those, the Lane below does in C what the hub's Python path does per event: record the states,
+# encode the StateChange and its pushState, write the group. Everything else goes to the hub.
+
+from cpython.bytearray cimport PyByteArray_FromStringAndSize
+from cpython.dict cimport PyDict_Update
+from cpython.mem cimport PyMem_Free, PyMem_Realloc
+from cpython.unicode cimport PyUnicode_Check
+from libc.string cimport memcpy, memset
+from posix.time cimport CLOCK_MONOTONIC, clock_gettime, timespec
+
+
+cdef extern from "Python.h":
+    const char* PyUnicode_AsUTF8AndSize(object s, Py_ssize_t* size) except NULL
+
+
+cdef enum:
+    _WEBSOCKET = 0  # the hub's framing of an RFC 8887 StateChange message (gateway.fanout.hub.WEBSOCKET)
+    _BOUNDS = 11
+
+# Upper bounds (seconds) of the fan-out time histogram: a bus batch in to its last write.
+FANOUT_BOUNDS = (1e-5, 5e-5, 1e-4, 5e-4, 1e-3, 5e-3, 0.01, 0.05, 0.1, 0.5, 1.0)
+cdef double[_BOUNDS] _bounds = [1e-5, 5e-5, 1e-4, 5e-4, 1e-3, 5e-3, 0.01, 0.05, 0.1, 0.5, 1.0]
+
+
+cdef class Stats:
+    """Plain counters the metrics layer reads at scrape time; the hub never talks to Prometheus itself (a
+    Prometheus observation costs a lock and a search per batch; this costs a few comparisons and an increment)."""
+
+    cdef public long long events
+    cdef public long long pushes
+    cdef public long long merged
+    cdef public double fanout_sum
+    cdef long long _counts[_BOUNDS + 1]  # per bucket (not cumulative); the last is +Inf
+
+    def __init__(self):
+        self.events = self.pushes = self.merged = 0
+        self.fanout_sum = 0.0
+        memset(self._counts, 0, sizeof(self._counts))
+
+    @property
+    def fanout_counts(self):
+        return [self._counts[i] for i in range(_BOUNDS + 1)]
+
+    def fanout(self, double seconds):
+        self._fanout(seconds)
+
+    cdef inline void _fanout(self, double seconds) noexcept:
+        # bisect_left: the first bucket whose bound is >= seconds.
+        cdef int i = 0
+        while i < _BOUNDS and _bounds[i] < seconds:
+            i += 1
+        self._counts[i] += 1
+        self.fanout_sum += seconds
+
+
+cdef inline double _now() noexcept nogil:
+    cdef timespec ts
+    clock_gettime(CLOCK_MONOTONIC, &ts)  # what time.perf_counter reads on Linux
+    return ts.tv_sec + ts.tv_nsec * 1e-9
+
+
+cdef struct Buf:
+    char* data
+    Py_ssize_t size
+    Py_ssize_t cap
+
+
+cdef int _room(Buf* b, Py_ssize_t extra) except -1:
+    cdef Py_ssize_t cap
+    cdef char* data
+    if b.size + extra <= b.cap:
+        return 0
+    cap = max(2 * b.cap, b.size + extra, 512)
+    data = <char*>PyMem_Realloc(b.data, cap)
+    if data == NULL:
+        raise MemoryError()
+    b.data = data
+    b.cap = cap
+    return 0
+
+
+cdef inline int _put(Buf* b, const char* s, Py_ssize_t n) except -1:
+    _room(b, n)
+    memcpy(b.data + b.size, s, n)
+    b.size += n
+    return 0
+
+
+cdef const char* _HEX = b"0123456789abcdef"
+
+
+cdef int _json_str(Buf* b, object s) except -1:
+    """A JSON string exactly as msgspec writes it: UTF-8 as is; `"`, `\\` and the controls escaped (RFC 8259 §7),
+    with the short forms for \\b \\t \\n \\f \\r and lowercase \\u00XX for the rest."""
+    cdef Py_ssize_t n, i
+    cdef const unsigned char* p
+    cdef unsigned char c
+    cdef char* out
+    if not PyUnicode_Check(s):
+        raise TypeError("not a str")
+    p = <const unsigned char*>PyUnicode_AsUTF8AndSize(s, &n)  # raises for lone surrogates, as msgspec does
+    _room(b, 6 * n + 2)
+    out = b.data + b.size
+    out[0] = b'"'
+    out += 1
+    for i in range(n):
+        c = p[i]
+        if c >= 0x20 and c != 0x22 and c != 0x5c:
+            out[0] = <char>c
+            out += 1
+            continue
+        out[0] = b'\\'
+        if c == 0x22 or c == 0x5c:
+            out[1] = <char>c
+        elif c == 0x08:
+            out[1] = b'b'
+        elif c == 0x09:
+            out[1] = b't'
+        elif c == 0x0a:
+            out[1] = b'n'
+        elif c == 0x0c:
+            out[1] = b'f'
+        elif c == 0x0d:
+            out[1] = b'r'
+        else:
+            out[1] = b'u'
+            out[2] = b'0'
+            out[3] = b'0'
+            out[4] = _HEX[c >> 4]
+            out[5] = _HEX[c & 15]
+            out += 6
+            continue
+        out += 2
+    out[0] = b'"'
+    b.size = out + 1 - b.data
+    return 0
+
+
+cdef int _pack_len(Buf* b, Py_ssize_t n, unsigned char tag16, unsigned char tag32) except -1:
+    """A msgpack header with a 16- or 32-bit big-endian length: `tag16` below 65536, `tag32` from there."""
+    cdef unsigned char* h
+    _room(b, 5)
+    h = <unsigned char*>(b.data + b.size)
+    if n < 0x10000:
+        h[0] = tag16
+        h[1] = n >> 8
+        h[2] = n & 0xff
+        b.size += 3
+    else:
+        h[0] = tag32
+        h[1] = (n >> 24) & 0xff
+        h[2] = (n >> 16) & 0xff
+        h[3] = (n >> 8) & 0xff
+        h[4] = n & 0xff
+        b.size += 5
+    return 0
+
+
+cdef int _pack_str(Buf* b, object s) except -1:
+    """A msgpack str with the shortest header, as msgspec writes it (fixstr, str 8, str 16, str 32)."""
+    cdef Py_ssize_t n
+    cdef const char* p
+    if not PyUnicode_Check(s):
+        raise TypeError("not a str")
+    p = PyUnicode_AsUTF8AndSize(s, &n)
+    _room(b, n + 5)
+    if n < 32:
+        b.data[b.size] = <char>(0xa0 | n)
+        b.size += 1
+    elif n < 0x100:
+        b.data[b.size] = <char>0xd9
+        b.data[b.size + 1] = <char>n
+        b.size += 2
+    else:
+        _pack_len(b, n, 0xda, 0xdb)
+    memcpy(b.data + b.size, p, n)
+    b.size += n
+    return 0
+
+
+cdef int _pack_map(Buf* b, Py_ssize_t n) except -1:
+    """A msgpack map header (fixmap, map 16, map 32)."""
+    cdef char fixmap = <char>(0x80 | n)
+    if n < 16:
+        return _put(b, &fixmap, 1)
+    return _pack_len(b, n, 0xde, 0xdf)
+
+
+cdef const char* _B64URL = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_"
+
+
+cdef int _b64url(Buf* b, const unsigned char* p, Py_ssize_t n) except -1:
+    """URL-safe base64 (RFC 4648 §5) without padding."""
+    cdef Py_ssize_t i = 0
+    cdef unsigned int v
+    cdef char* out
+    _room(b, (n + 2) // 3 * 4)
+    out = b.data + b.size
+    while i + 3 <= n:
+        v = (p[i] << 16) | (p[i + 1] << 8) | p[i + 2]
+        out[0] = _B64URL[v >> 18]
+        out[1] = _B64URL[(v >> 12) & 63]
+        out[2] = _B64URL[(v >> 6) & 63]
+        out[3] = _B64URL[v & 63]
+        out += 4
+        i += 3
+    if n - i == 1:
+        v = p[i] << 16
+        out[0] = _B64URL[v >> 18]
+        out[1] = _B64URL[(v >> 12) & 63]
+        out += 2
+    elif n - i == 2:
+        v = (p[i] << 16) | (p[i + 1] << 8)
+        out[0] = _B64URL[v >> 18]
+        out[1] = _B64URL[(v >> 12) & 63]
+        out[2] = _B64URL[(v >> 6) & 63]
+        out += 3
+    b.size = out - b.data
+    return 0
+
+
+cdef int _json_states(Buf* b, dict states) except -1:
+    cdef Py_ssize_t pos = 0
+    cdef PyObject* k
+    cdef PyObject* v
+    cdef bint first = True
+    _put(b, b"{", 1)
+    while PyDict_Next(states, &pos, &k, &v):
+        if not first:
+            _put(b, b",", 1)
+        first = False
+        _json_str(b, <object>k)
+        _put(b, b":", 1)
+        _json_str(b, <object>v)
+    _put(b, b"}", 1)
+    return 0
+
+
+cdef int _pack_states(Buf* b, dict states) except -1:
+    cdef Py_ssize_t pos = 0
+    cdef PyObject* k
+    cdef PyObject* v
+    _pack_map(b, PyDict_GET_SIZE(states))
+    while PyDict_Next(states, &pos, &k, &v):
+        _pack_str(b, <object>k)
+        _pack_str(b, <object>v)
+    return 0
+
+
+cdef struct Scratch:
+    Buf frame  # HEADROOM bytes, then the StateChange JSON
+    Buf token  # the msgpack inside the pushState
+
+
+cdef int _encode(Scratch* s, object account_id, dict changed, dict states) except -1:
+    """The frame of a one-account, every-type session: HEADROOM bytes, then exactly what msgspec writes for
+    StateChange(changed={account_id: changed}, pushState=gateway.fanout.pushstate.encode({account_id: states}))."""
+    s.frame.size = 0
+    s.token.size = 0
+    _room(&s.frame, _HEADROOM)
+    memset(s.frame.data, 0, _HEADROOM)
+    s.frame.size = _HEADROOM
+    _put(&s.frame, b'{"@type":"StateChange","changed":{', 34)
+    _json_str(&s.frame, account_id)
+    _put(&s.frame, b":", 1)
+    _json_states(&s.frame, changed)
+    # The pushState (gateway.fanout.pushstate): version "1", then base64url of the msgpack map.
+    _put(&s.frame, b'},"pushState":"1', 16)
+    _pack_map(&s.token, 1)
+    _pack_str(&s.token, account_id)
+    _pack_states(&s.token, states)
+    _b64url(&s.frame, <const unsigned char*>s.token.data, s.token.size)
+    _put(&s.frame, b'"}', 2)
+    return 0
+
+
+def encode_state_change(account_id, dict changed, dict states):
+    """The plain frame (HEADROOM bytes, then the StateChange JSON) that the Lane writes for one-account sessions:
+    `changed` pushed for `account_id`, whose states are `states`. For tests and benchmarks; the Lane encodes
+    into its own scratch buffers."""
+    cdef Scratch s
+    memset(&s, 0, sizeof(s))
+    try:
+        _encode(&s, account_id, changed, states)
+        return PyByteArray_FromStringAndSize(s.frame.data, s.frame.size)
+    finally:
+        PyMem_Free(s.frame.data)
+        PyMem_Free(s.token.data)
+
+
+cdef class Lane:
+    """The bus handler of the hub (gateway.fanout.hub): takes the usual event in C, hands anything else to the hub.
+
+    The usual event is a batch of one event for one covered account whose sessions share one variant of plain
+    WebSocket pushes: own account, every type (no dataTypes filter). The Lane reads and writes the hub's own
+    dicts (never copies of them), so the hub's resume and ledger logic see exactly what its Python path would
+    have left. While the hub watches reads in flight, every event goes to the hub.
+    """
+
+    cdef dict _owners     # owner username -> {accountId: subscriptions covering it}
+    cdef dict _states     # accountId -> live states of a covered account
+    cdef dict _index      # accountId -> {variant key: group}
+    cdef list _watches    # reads in flight (non-empty: the hub's path)
+    cdef Stats _stats
+    cdef object _slow     # the hub's batch path
+    cdef object _deliver  # the hub's deliver(account_id, type_states)
+    cdef object _compress  # permessage-deflate for groups with such recipients, or None
+    cdef Scratch _scratch
+
+    def __cinit__(self):
+        memset(&self._scratch, 0, sizeof(Scratch))
+
+    def __init__(self, *, dict owners, dict states, dict index, list watches, Stats stats, slow, deliver,
+                 compress=None):
+        self._owners = owners
+        self._states = states
+        self._index = index
+        self._watches = watches
+        self._stats = stats
+        self._slow = slow
+        self._deliver = deliver
+        self._compress = compress
+
+    def __dealloc__(self):
+        PyMem_Free(self._scratch.frame.data)
+        PyMem_Free(self._scratch.token.data)
+
+    def __call__(self, events):
+        cdef double started = _now()
+        cdef Py_ssize_t pos = 0
+        cdef PyObject* acc_p
+        cdef PyObject* key_p
+        cdef PyObject* group_p
+        if len(events) != 1 or self._watches:
+            self._slow(events)
+            return
+        event = events[0]
+        accounts = self._owners.get(event.username)
+        if accounts is None or PyDict_GET_SIZE(accounts) != 1:
+            self._slow(events)
+            return
+        PyDict_Next(accounts, &pos, &acc_p, NULL)
+        account_id = <object>acc_p
+        known = self._states.get(account_id)
+        groups = self._index.get(account_id)
+        if known is None or groups is None or PyDict_GET_SIZE(groups) != 1:
+            self._slow(events)
+            return
+        pos = 0
+        PyDict_Next(groups, &pos, &key_p, &group_p)
+        key = <tuple>key_p
+        if key[1] is not None or key[2] != _WEBSOCKET or len(<tuple>key[0]) != 1:
+            self._slow(events)
+            return
+        group = <object>group_p
+        type_states = event.typeStates
+        self._stats.events += 1
+        PyDict_Update(known, type_states)
+        if type_states:
+            self._push(account_id, type_states, known, group)
+        self._stats._fanout(_now() - started)
+
+    cdef int _push(self, object account_id, dict type_states, dict known, object group) except -1:
+        cdef Py_ssize_t written
+        cdef bytearray compressed = None
+        try:
+            _encode(&self._scratch, account_id, type_states, known)
+        except (TypeError, UnicodeError):
+            # Not strings (or not encodable): the hub's path says so with msgspec's own error.
+            self._deliver(account_id, type_states)
+            return 0
+        plain = PyByteArray_FromStringAndSize(self._scratch.frame.data, self._scratch.frame.size)
+        targets = group.targets
+        if group.deflate_count and self._compress is not None:
+            # Compressed once for every recipient that negotiated permessage-deflate (DESIGN.md §3).
+            deflated = self._compress(memoryview(plain)[_HEADROOM:])
+            if deflated is not None:
+                compressed = bytearray(_HEADROOM) + deflated
+        written = _broadcast(targets, plain, compressed, account_id, type_states)
+        self._stats.pushes += written
+        self._stats.merged += PyDict_GET_SIZE(targets) - written
+        return 0

@@ -1,6 +1,7 @@
 """The hub as pure logic: variant grouping (encode once), filters, bus reference counting, resume, enable cost.
 
-Fake transports record writes; that is fine here (a unit test of pure logic)."""
+Every test runs on the compiled broadcast module (whose Lane takes the usual event) and on its twin. Fake
+transports record writes; that is fine here (a unit test of pure logic)."""
 
 from __future__ import annotations
 
@@ -8,11 +9,14 @@ import asyncio
 import json
 from typing import Any
 
+import pytest
+
 from gateway import native
 from gateway.bus.events import new_event
 from gateway.directory import Directory
 from gateway.fanout import pushstate
 from gateway.fanout.hub import Hub
+from tests.native_impl import load_impl
 
 
 class FakeTransport:
@@ -60,16 +64,21 @@ class States:
 directory = Directory([("bob", "x"), ("alice", "x")])
 BOB = directory.principal("bob")
 ACC = BOB.account_ids[0]
-twin = native.load("_broadcast", native=False)
+impl = native.load("_broadcast", native=False)  # the module under test: each test runs on both (below)
+
+
+@pytest.fixture(autouse=True, params=["native", "python"])
+def _impl(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(globals(), "impl", load_impl("_broadcast", request.param))
 
 
 def make(states: dict[str, dict[str, str]] | None = None) -> tuple[Hub, FakeBus, States]:
     bus, source = FakeBus(), States(states or {})
-    return Hub(bus, source, twin), bus, source  # type: ignore[arg-type]
+    return Hub(bus, source, impl), bus, source  # type: ignore[arg-type]
 
 
 def target() -> Any:
-    return twin.Target(FakeTransport())
+    return impl.Target(FakeTransport())
 
 
 async def test_one_encoding_per_variant_and_filters() -> None:
@@ -165,7 +174,7 @@ async def test_a_resume_on_a_covered_complete_account_needs_no_read() -> None:
 
 async def test_events_during_a_read_win_over_its_answer() -> None:
     source = GatedStates({ACC: {"Email": "e1", "Mailbox": "m1"}})
-    hub = Hub(FakeBus(), source, twin)  # type: ignore[arg-type]
+    hub = Hub(FakeBus(), source, impl)  # type: ignore[arg-type]
     t = target()
     enabling = asyncio.ensure_future(hub.enable(t, BOB, None, pushstate.encode({ACC: {}}), lambda: True))
     await source.started.wait()
@@ -179,7 +188,7 @@ async def test_events_during_a_read_win_over_its_answer() -> None:
 
 async def test_concurrent_enables_share_one_read() -> None:
     source = GatedStates({ACC: {"Email": "e1"}})
-    hub = Hub(FakeBus(), source, twin)  # type: ignore[arg-type]
+    hub = Hub(FakeBus(), source, impl)  # type: ignore[arg-type]
     targets = [target() for _ in range(5)]
     enables = [asyncio.ensure_future(hub.enable(t, BOB, None, None, lambda: True)) for t in targets]
     await source.started.wait()
@@ -192,7 +201,7 @@ async def test_a_failed_read_is_retried_and_pushes_what_moved() -> None:
     source = GatedStates({ACC: {"Email": "e1"}})
     source.fail = True
     source.release.set()
-    hub = Hub(FakeBus(), source, twin)  # type: ignore[arg-type]
+    hub = Hub(FakeBus(), source, impl)  # type: ignore[arg-type]
     hub._retry_delay = 0.01  # the back-off starts at a second; the test need not wait that long
     t = target()
     await hub.enable(t, BOB, None, pushstate.encode({ACC: {"Email": "e0"}}), lambda: True)
@@ -247,7 +256,7 @@ async def test_a_gap_makes_every_account_incomplete_and_bus_only_types_uncertain
 
 
 def test_the_ledger_is_bounded_oldest_first() -> None:
-    hub = Hub(FakeBus(), States({}), twin, ledger_accounts=2)  # type: ignore[arg-type]
+    hub = Hub(FakeBus(), States({}), impl, ledger_accounts=2)  # type: ignore[arg-type]
     for name in ("a", "b", "c"):
         hub._remember(name, {"Calendar": name})
     assert list(hub._ledger) == ["b", "c"]
@@ -300,7 +309,7 @@ class SlowBindBus(FakeBus):
 
 async def test_a_change_before_the_binding_is_pushed_to_a_session_enabled_without_push_state() -> None:
     bus, source = SlowBindBus(), States({ACC: {"Email": "e1", "Mailbox": "m1"}})
-    hub = Hub(bus, source, twin)  # type: ignore[arg-type]
+    hub = Hub(bus, source, impl)  # type: ignore[arg-type]
     t = target()
     enabling = asyncio.ensure_future(hub.enable(t, BOB, None, None, lambda: True))
     for _ in range(100):  # the first read happens at once, before the binding
@@ -358,7 +367,7 @@ async def test_a_bus_with_hooks_is_told_who_covers_an_owner() -> None:
     try:
         bob = directory.principal("bob")  # Bob's own account and Alice's
         bus = HookedBus()
-        hub = Hub(bus, States({}), twin)  # type: ignore[arg-type]
+        hub = Hub(bus, States({}), impl)  # type: ignore[arg-type]
         first, second = target(), target()
         await hub.enable(first, bob, None, None, lambda: True)
         await hub.enable(second, BOB, None, None, lambda: True)

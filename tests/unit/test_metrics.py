@@ -59,10 +59,10 @@ def test_counters_and_labels() -> None:
 
 
 def test_a_histogram_kept_by_the_hot_path() -> None:
-    from gateway.fanout.hub import FANOUT_BOUNDS, HubStats
+    from gateway._broadcast_py import FANOUT_BOUNDS, Stats
     from gateway.metrics import histogram
 
-    stats = HubStats()
+    stats = Stats()
     for seconds in (0.002, 0.0021, 3.0):
         stats.fanout(seconds)
     m = Metrics()
@@ -121,9 +121,9 @@ def test_the_page_is_prometheus_text() -> None:
 
 def with_fanout(m: Metrics, *seconds: float) -> Metrics:
     """`m` with the hub's fan-out histogram (kept by the hub, read at scrape time) after these observations."""
-    from gateway.fanout.hub import FANOUT_BOUNDS, HubStats
+    from gateway._broadcast_py import FANOUT_BOUNDS, Stats
 
-    stats = HubStats()
+    stats = Stats()
     for value in seconds:
         stats.fanout(value)
     m.add_callback(lambda: iter([histogram("gateway_fanout_seconds", "Fan-out time", FANOUT_BOUNDS,
