@@ -131,12 +131,14 @@ def encode_state_change(account_id: str, changed: dict[str, str], states: dict[s
 
 
 class Lane:
-    """The bus handler of the hub (gateway.fanout.hub): takes the usual event itself, hands anything else to the hub.
+    """The bus handler of the hub (gateway.fanout.hub): takes the usual events itself, hands the others to the hub.
 
-    The usual event is a batch of one event for one covered account whose sessions share one variant of plain
-    WebSocket pushes: own account, every type (no dataTypes filter). The Lane reads and writes the hub's own
-    dicts (never copies of them), so the hub's resume and ledger logic see exactly what its Python path would
-    have left. While the hub watches reads in flight, every event goes to the hub.
+    An event is usual when its owner has one covered account here whose sessions share one variant of plain
+    WebSocket pushes: own account, every type (no dataTypes filter). Of a batch, the Lane takes the usual events
+    and the hub's batch path the others (in their order); as there, the events of one account in one batch are
+    merged (newest state per type wins) into one StateChange, one send(2) per socket. The Lane reads and writes
+    the hub's own dicts (never copies of them), so the hub's resume and ledger logic see exactly what its own
+    path would have left. While the hub watches reads in flight, every event goes to the hub.
     """
 
     __slots__ = ("_compress", "_deliver", "_index", "_owners", "_slow", "_states", "_stats", "_watches")
@@ -154,32 +156,48 @@ class Lane:
         self._deliver = deliver
         self._compress = compress
 
-    def __call__(self, events: Sequence[Any]) -> None:
-        started = _perf_counter()
-        if len(events) != 1 or self._watches:
-            self._slow(events)
-            return
-        event = events[0]
-        accounts = self._owners.get(event.username)
+    def _usual(self, username: str) -> tuple[str, dict[str, str], Any] | None:
+        """(accountId, its live states, its one group) when the owner's events are usual, else None."""
+        accounts = self._owners.get(username)
         if accounts is None or len(accounts) != 1:
-            self._slow(events)
-            return
+            return None
         account_id = next(iter(accounts))
         known = self._states.get(account_id)
         groups = self._index.get(account_id)
         if known is None or groups is None or len(groups) != 1:
-            self._slow(events)
-            return
+            return None
         key, group = next(iter(groups.items()))
         if key[1] is not None or key[2] != _WEBSOCKET or len(key[0]) != 1:
+            return None
+        return account_id, known, group
+
+    def __call__(self, events: Sequence[Any]) -> None:
+        started = _perf_counter()
+        if self._watches:
             self._slow(events)
             return
-        type_states = event.typeStates
-        self._stats.events += 1
-        known.update(type_states)
-        if type_states:
-            self._push(account_id, type_states, known, group)
-        self._stats.fanout(_perf_counter() - started)
+        rest: list[Any] = []  # the events the hub's path takes, in order
+        merged: dict[str, tuple[dict[str, str], dict[str, str], Any]] = {}
+        for event in events:
+            found = self._usual(event.username)
+            if found is None:
+                rest.append(event)
+                continue
+            account_id, known, group = found
+            self._stats.events += 1
+            known.update(event.typeStates)
+            entry = merged.get(account_id)
+            if entry is None:
+                merged[account_id] = (dict(event.typeStates), known, group)
+            else:
+                entry[0].update(event.typeStates)
+        if rest:
+            self._slow(rest)
+        if merged:
+            for account_id, (changed, known, group) in merged.items():
+                if changed:
+                    self._push(account_id, changed, known, group)
+            self._stats.fanout(_perf_counter() - started)
 
     def _push(self, account_id: str, type_states: dict[str, str], known: dict[str, str], group: Any) -> None:
         plain = encode_state_change(account_id, type_states, known)

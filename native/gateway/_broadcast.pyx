@@ -507,12 +507,14 @@ def encode_state_change(account_id, dict changed, dict states):
 
 
 cdef class Lane:
-    """The bus handler of the hub (gateway.fanout.hub): takes the usual event in C, hands anything else to the hub.
+    """The bus handler of the hub (gateway.fanout.hub): takes the usual events in C, hands the others to the hub.
 
-    The usual event is a batch of one event for one covered account whose sessions share one variant of plain
-    WebSocket pushes: own account, every type (no dataTypes filter). The Lane reads and writes the hub's own
-    dicts (never copies of them), so the hub's resume and ledger logic see exactly what its Python path would
-    have left. While the hub watches reads in flight, every event goes to the hub.
+    An event is usual when its owner has one covered account here whose sessions share one variant of plain
+    WebSocket pushes: own account, every type (no dataTypes filter). Of a batch, the Lane takes the usual events
+    and the hub's batch path the others (in their order); as there, the events of one account in one batch are
+    merged (newest state per type wins) into one StateChange, one send(2) per socket. The Lane reads and writes
+    the hub's own dicts (never copies of them), so the hub's resume and ledger logic see exactly what its own
+    path would have left. While the hub watches reads in flight, every event goes to the hub.
     """
 
     cdef dict _owners     # owner username -> {accountId: subscriptions covering it}
@@ -543,40 +545,82 @@ cdef class Lane:
         PyMem_Free(self._scratch.frame.data)
         PyMem_Free(self._scratch.token.data)
 
-    def __call__(self, events):
-        cdef double started = _now()
+    cdef tuple _usual(self, object username):
+        """(accountId, its live states, its one group) when the owner's events are usual, else None."""
         cdef Py_ssize_t pos = 0
         cdef PyObject* acc_p
         cdef PyObject* key_p
         cdef PyObject* group_p
-        if len(events) != 1 or self._watches:
-            self._slow(events)
-            return
-        event = events[0]
-        accounts = self._owners.get(event.username)
+        accounts = self._owners.get(username)
         if accounts is None or PyDict_GET_SIZE(accounts) != 1:
-            self._slow(events)
-            return
+            return None
         PyDict_Next(accounts, &pos, &acc_p, NULL)
         account_id = <object>acc_p
         known = self._states.get(account_id)
         groups = self._index.get(account_id)
         if known is None or groups is None or PyDict_GET_SIZE(groups) != 1:
-            self._slow(events)
-            return
+            return None
         pos = 0
         PyDict_Next(groups, &pos, &key_p, &group_p)
         key = <tuple>key_p
         if key[1] is not None or key[2] != _WEBSOCKET or len(<tuple>key[0]) != 1:
+            return None
+        return (account_id, known, <object>group_p)
+
+    def __call__(self, events):
+        cdef double started = _now()
+        cdef tuple found
+        if self._watches:
             self._slow(events)
             return
-        group = <object>group_p
+        if len(events) != 1:
+            self._batch(events, started)
+            return
+        event = events[0]
+        found = self._usual(event.username)
+        if found is None:
+            self._slow(events)
+            return
         type_states = event.typeStates
         self._stats.events += 1
-        PyDict_Update(known, type_states)
+        PyDict_Update(found[1], type_states)
         if type_states:
-            self._push(account_id, type_states, known, group)
+            self._push(found[0], type_states, found[1], found[2])
         self._stats._fanout(_now() - started)
+
+    cdef int _batch(self, events, double started) except -1:
+        cdef list rest = None  # the events the hub's path takes, in order
+        cdef dict merged = None  # accountId -> [changed, live states, group, changed is a copy]
+        cdef tuple found
+        cdef list entry
+        for event in events:
+            found = self._usual(event.username)
+            if found is None:
+                if rest is None:
+                    rest = []
+                rest.append(event)
+                continue
+            type_states = event.typeStates
+            self._stats.events += 1
+            PyDict_Update(found[1], type_states)
+            if merged is None:
+                merged = {}
+            entry = merged.get(found[0])
+            if entry is None:
+                merged[found[0]] = [type_states, found[1], found[2], False]
+            else:
+                if not entry[3]:
+                    entry[0] = dict(entry[0])  # copied only when a second event of the account comes
+                    entry[3] = True
+                PyDict_Update(entry[0], type_states)
+        if rest is not None:
+            self._slow(rest)
+        if merged is not None:
+            for account_id, entry in merged.items():
+                if entry[0]:
+                    self._push(account_id, entry[0], entry[1], entry[2])
+            self._stats._fanout(_now() - started)
+        return 0
 
     cdef int _push(self, object account_id, dict type_states, dict known, object group) except -1:
         cdef Py_ssize_t written
