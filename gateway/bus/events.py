@@ -123,6 +123,11 @@ def decode_event_lines(body: bytes | bytearray | memoryview) -> list[StateChange
             raise EventDecodeError(str(exc)) from None
     except msgspec.DecodeError as exc:
         raise EventDecodeError(str(exc)) from None
+    for item in decoded:
+        if type(item) is list:
+            break
+    else:
+        return decoded  # the usual body: one event per line, already the list to hand on
     out: list[StateChangeEvent] = []
     for item in decoded:
         if isinstance(item, list):
@@ -153,7 +158,13 @@ class EventLines:
             return []
         pending = self._pending
         if not pending and isinstance(data, bytes) and data.endswith(b"\n") and len(data) <= self._limit:
-            return self._decode(data)  # the usual piece of a stream: whole lines, nothing held back
+            # The usual piece of a stream: whole lines, nothing held back, none over the limit.
+            first = self._line
+            self._line = first + data.count(b"\n")
+            try:
+                return decode_event_lines(data)
+            except EventDecodeError:
+                return self._decode_from(data, first)  # find the bad line
         pending += data
         end = pending.rfind(b"\n")
         if end < 0:

@@ -181,7 +181,8 @@ class IngestProtocol(asyncio.Protocol):
             else:
                 self._publish_later(events)
                 return
-        self._settle()
+        if self._complete or self._fault is not None or lines.failure is not None:
+            self._settle()  # else the usual read: the stream goes on
 
     def _settle(self) -> None:
         failure = self._lines.failure
