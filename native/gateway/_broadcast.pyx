@@ -219,7 +219,7 @@ cdef Py_ssize_t _broadcast(dict targets, bytearray plain, bytearray compressed, 
 # framing). For those, the Lane below does in C what the hub's Python path does per event: record the states,
 # encode the StateChange and its pushState, write the group. Everything else goes to the hub.
 
-from cpython.bytearray cimport PyByteArray_FromStringAndSize
+from cpython.bytearray cimport PyByteArray_AS_STRING, PyByteArray_FromStringAndSize, PyByteArray_Resize
 from cpython.dict cimport PyDict_Update
 from cpython.mem cimport PyMem_Free, PyMem_Realloc
 from cpython.unicode cimport PyUnicode_Check
@@ -234,6 +234,7 @@ cdef extern from "Python.h":
 cdef enum:
     _WEBSOCKET = 0  # the hub's framing of an RFC 8887 StateChange message (gateway.fanout.hub.WEBSOCKET)
     _BOUNDS = 11
+    _FRAME_ROOM = 512  # pymalloc serves up to 512 bytes; a bytearray of this capacity allocates one more
 
 # Upper bounds (seconds) of the fan-out time histogram: a bus batch in to its last write.
 FANOUT_BOUNDS = (1e-5, 5e-5, 1e-4, 5e-4, 1e-3, 5e-3, 0.01, 0.05, 0.1, 0.5, 1.0)
@@ -631,7 +632,14 @@ cdef class Lane:
             # Not strings (or not encodable): the hub's path says so with msgspec's own error.
             self._deliver(account_id, type_states)
             return 0
-        plain = PyByteArray_FromStringAndSize(self._scratch.frame.data, self._scratch.frame.size)
+        # At least _FRAME_ROOM bytes, so that the frame comes from the system allocator and not from pymalloc's
+        # small-object pools: written to 1,000 sockets, a pooled frame cost 6% of the deliveries per CPU-second
+        # in the fan-out harness (k = 1,000, 0.94x paired against the commit before the Lane, twice; 0.97-1.00x
+        # with this, as the old path's bytearray(512) had). Why is not known; the broadcast loop's own
+        # benchmark, with one prebuilt frame, is the same for both.
+        plain = PyByteArray_FromStringAndSize(NULL, max(self._scratch.frame.size, _FRAME_ROOM))
+        PyByteArray_Resize(plain, self._scratch.frame.size)
+        memcpy(PyByteArray_AS_STRING(plain), self._scratch.frame.data, self._scratch.frame.size)
         targets = group.targets
         if group.deflate_count and self._compress is not None:
             # Compressed once for every recipient that negotiated permessage-deflate (DESIGN.md §3).
