@@ -138,27 +138,29 @@ BOB, ALICE, CAROL = directory.principal("bob"), directory.principal("alice"), di
 ACC = BOB.account_ids[0]
 
 
+async def no_states(principal: Any, accounts: Any) -> dict[str, dict[str, str]]:
+    return {a: {} for a in accounts}
+
+
+class CountingHub(Hub):
+    """The hub as it ships, whose batch path counts the batches handed to it (its Lane is wired by the hub itself
+    around this override)."""
+
+    general = 0
+
+    def _on_batch(self, events: Any) -> None:
+        self.general += 1
+        super()._on_batch(events)
+
+
 class Counting:
-    """A hub whose general path counts the batches it is handed (the Lane is rebuilt around the counting one)."""
-
     def __init__(self, impl: ModuleType, **kwargs: Any) -> None:
-        async def states(principal: Any, accounts: Any) -> dict[str, dict[str, str]]:
-            return {a: {} for a in accounts}
-
         self.impl = impl
-        self.hub = hub = Hub(FakeBus(), states, impl, **kwargs)  # type: ignore[arg-type]
-        self.general = 0
-        general = hub._on_batch
+        self.hub = CountingHub(FakeBus(), no_states, impl, **kwargs)  # type: ignore[arg-type]
 
-        def counted(events: Any) -> None:
-            self.general += 1
-            general(events)
-
-        hub.on_events = counted
-        if not kwargs.get("coalesce_ms"):
-            hub.on_events = impl.Lane(owners=hub._owner_accounts, states=hub._states, index=hub._index,
-                                      watches=hub._watches, stats=hub.stats, slow=counted, deliver=hub.deliver,
-                                      compress=kwargs.get("compress"))
+    @property
+    def general(self) -> int:
+        return self.hub.general
 
     async def enable(self, principal: Principal = BOB, types: frozenset[str] | None = None,
                      framing: int = WEBSOCKET, deflate: bool = False) -> Any:
@@ -167,12 +169,8 @@ class Counting:
         return target
 
 
-async def counting(impl: ModuleType, **kwargs: Any) -> Counting:
-    return Counting(impl, **kwargs)
-
-
 async def test_the_usual_event_is_taken_by_the_lane(impl: ModuleType) -> None:
-    c = await counting(impl)
+    c = Counting(impl)
     t = await c.enable()
     c.hub.on_events([new_event("bob", {"Email": "e1"})])
     assert c.general == 0
@@ -181,7 +179,7 @@ async def test_the_usual_event_is_taken_by_the_lane(impl: ModuleType) -> None:
 
 
 async def test_deflate_recipients_get_the_compressed_frame(impl: ModuleType) -> None:
-    c = await counting(impl, compress=lambda view: b"Z" + bytes(view))
+    c = Counting(impl, compress=lambda view: b"Z" + bytes(view))
     plain, deflated = await c.enable(), await c.enable(deflate=True)
     c.hub.on_events([new_event("bob", {"Email": "e1"})])
     assert c.general == 0
@@ -191,7 +189,7 @@ async def test_deflate_recipients_get_the_compressed_frame(impl: ModuleType) -> 
 
 
 async def test_a_paused_recipient_merges(impl: ModuleType) -> None:
-    c = await counting(impl)
+    c = Counting(impl)
     t = await c.enable()
     t.paused = True
     c.hub.on_events([new_event("bob", {"Email": "e1"})])
@@ -200,14 +198,14 @@ async def test_a_paused_recipient_merges(impl: ModuleType) -> None:
 
 
 async def test_an_event_with_no_states_records_nothing_and_writes_nothing(impl: ModuleType) -> None:
-    c = await counting(impl)
+    c = Counting(impl)
     t = await c.enable()
     c.hub.on_events([new_event("bob", {})])
     assert c.general == 0 and t.transport.frames == [] and c.hub.stats.events == 1
 
 
 async def test_one_accounts_events_of_one_batch_are_one_push(impl: ModuleType) -> None:
-    c = await counting(impl)
+    c = Counting(impl)
     bob, alice = await c.enable(), await c.enable(ALICE)
     first = new_event("bob", {"Email": "e1", "Mailbox": "m1"})
     c.hub.on_events([first, new_event("alice", {"Email": "a1"}), new_event("bob", {"Email": "e2"})])
@@ -221,7 +219,7 @@ async def test_one_accounts_events_of_one_batch_are_one_push(impl: ModuleType) -
 
 
 async def test_a_mixed_batch_is_shared_out(impl: ModuleType) -> None:
-    c = await counting(impl)
+    c = Counting(impl)
     bob = await c.enable()
     alice_filtered = await c.enable(ALICE, types=frozenset({"Email"}))
     c.hub.on_events([new_event("alice", {"Email": "a1", "Mailbox": "x"}), new_event("bob", {"Email": "e1"}),
@@ -233,7 +231,7 @@ async def test_a_mixed_batch_is_shared_out(impl: ModuleType) -> None:
 
 
 async def test_the_general_path_takes_everything_else(impl: ModuleType) -> None:
-    c = await counting(impl)
+    c = Counting(impl)
     await c.enable()
     c.hub.on_events([new_event("nobody", {"Email": "e1"})])  # no local session
     assert c.general == 1
@@ -241,17 +239,17 @@ async def test_the_general_path_takes_everything_else(impl: ModuleType) -> None:
     c.hub.on_events([new_event("bob", {"Email": "e3"})])
     assert c.general == 2
 
-    c = await counting(impl)
+    c = Counting(impl)
     await c.enable(types=frozenset({"Email"}))  # one variant, but filtered
     c.hub.on_events([new_event("bob", {"Email": "e1"})])
     assert c.general == 1
 
-    c = await counting(impl)
+    c = Counting(impl)
     await c.enable(framing=EVENT_SOURCE)  # an event stream
     c.hub.on_events([new_event("bob", {"Email": "e1"})])
     assert c.general == 1
 
-    c = await counting(impl)
+    c = Counting(impl)
     c.hub._watches.append({})  # a read in flight: events must reach its watch
     await c.enable()
     c.hub.on_events([new_event("bob", {"Email": "e1"})])
@@ -260,16 +258,15 @@ async def test_the_general_path_takes_everything_else(impl: ModuleType) -> None:
 
 async def test_a_coalescing_window_takes_every_event(impl: ModuleType) -> None:
     # GATEWAY_PUSH_COALESCE_MS holds events back for a window: the hub's general path does that, not the Lane.
-    source = Counting(impl).hub._states_source
-    assert isinstance(Hub(FakeBus(), source, impl).on_events, impl.Lane)  # type: ignore[arg-type]
-    assert not isinstance(Hub(FakeBus(), source, impl, coalesce_ms=5).on_events, impl.Lane)  # type: ignore[arg-type]
+    assert isinstance(Hub(FakeBus(), no_states, impl).on_events, impl.Lane)  # type: ignore[arg-type]
+    assert not isinstance(Hub(FakeBus(), no_states, impl, coalesce_ms=5).on_events, impl.Lane)  # type: ignore[arg-type]
 
 
 async def test_a_delegated_account_leaves_the_lane(impl: ModuleType) -> None:
     # A session covering two accounts (its own and one shared with it) shapes its pushState from both: the
     # general path's business. Simulated with a principal of two accounts.
     shared = Principal(username=BOB.username, accounts=[*BOB.accounts, *ALICE.accounts])
-    c = await counting(impl)
+    c = Counting(impl)
     await c.enable(shared)
     c.hub.on_events([new_event("bob", {"Email": "e1"})])
     assert c.general == 1
@@ -278,7 +275,7 @@ async def test_a_delegated_account_leaves_the_lane(impl: ModuleType) -> None:
 async def test_strings_the_lane_cannot_write_go_the_general_way(impl: ModuleType) -> None:
     # A state that is not a string (an injector's mistake that msgspec's decoder would refuse, here built by
     # hand): the compiled Lane hands it to the hub's deliver, which writes what msgspec makes of it, as the twin.
-    c = await counting(impl)
+    c = Counting(impl)
     t = await c.enable()
     event = new_event("bob", {"Email": "e1"})
     event.typeStates["Count"] = 7  # type: ignore[assignment]
@@ -307,7 +304,7 @@ def test_lane_and_general_path_agree(impl: ModuleType, batches: list[list[tuple[
     import asyncio
 
     async def run(lane: bool) -> tuple[Any, ...]:
-        c = await counting(impl, compress=lambda view: b"Z" + bytes(view))
+        c = Counting(impl, compress=lambda view: b"Z" + bytes(view))
         if not lane:
             c.hub.on_events = c.hub._on_batch
         sessions = [await c.enable(BOB), await c.enable(ALICE, deflate=True),
