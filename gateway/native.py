@@ -11,7 +11,7 @@ import importlib
 from types import ModuleType
 
 # The production modules: each has a twin, status() reports them, require_all() requires them.
-NATIVE_MODULES: tuple[str, ...] = ("_coalesce", "_deflate", "_broadcast")
+NATIVE_MODULES: tuple[str, ...] = ("_coalesce", "_deflate", "_broadcast", "_ingest")
 # Also built from native/ but no part of the gateway: benchmark and test helpers, without a twin; never
 # required, never reported, never loaded by the gateway.
 SUPPORT_MODULES: tuple[str, ...] = ("_bench",)

@@ -3,7 +3,7 @@
 Python imports `sitecustomize` at start-up from the path; event_stages.py puts this directory on PYTHONPATH of the
 gateway process it measures, with BENCH_STAGE naming where the event path ends:
 
-- `wake`: the ingest protocol's data_received returns at once (the loop's wake-up, the read, the call into Python);
+- `wake`: the ingest reader's data_received returns at once (the loop's wake-up, the read, the call into Python);
 - `decode`: the body is parsed (llhttp) and its lines decoded, but nothing is published;
 - `frame`: events reach the hub, which writes one prebuilt StateChange frame to the account's sessions through its
   usual broadcast (the hub's state keeping and encoding are skipped);
@@ -22,20 +22,34 @@ STAGE = os.environ.get("BENCH_STAGE", "full")
 if STAGE == "wake":
     from gateway.transport import ingest
 
-    def _drop(self: Any, data: bytes) -> None:
-        return None
+    class _Dropping:
+        """An ingest reader that drops every read (the stream is never answered: the benchmark ends it)."""
 
-    ingest.IngestProtocol.data_received = _drop  # type: ignore[method-assign]
+        def __init__(self, owner: Any, *args: Any, **kwargs: Any) -> None:
+            self._owner = owner
+            self.accepted = 0
+            self.open = False
+
+        def data_received(self, data: bytes) -> None:
+            return None
+
+        def eof_received(self) -> None:
+            return None
+
+        def connection_lost(self, exc: Exception | None) -> None:
+            self._owner.finished = True
+
+    ingest.impl = type("DroppingImpl", (), {"Reader": _Dropping})  # type: ignore[assignment]
 elif STAGE == "decode":
-    from gateway.transport import ingest
+    from gateway.bus import memory
 
-    _init = ingest.IngestProtocol.__init__
+    _init = memory.MemoryBus.__init__
 
-    def _init_unpublished(self: Any, *args: Any, **kwargs: Any) -> None:
-        _init(self, *args, **kwargs)
-        self._publish_now = lambda events: None
+    def _init_unpublished(self: Any) -> None:
+        _init(self)
+        self.publish_now = lambda events: None  # the reader decodes, and the events go nowhere
 
-    ingest.IngestProtocol.__init__ = _init_unpublished  # type: ignore[method-assign]
+    memory.MemoryBus.__init__ = _init_unpublished  # type: ignore[method-assign]
 elif STAGE == "frame":
     from gateway.fanout import hub
 

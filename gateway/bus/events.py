@@ -59,7 +59,8 @@ class _LegacyEvent(msgspec.Struct):
     emailDeliveryState: str | None = None
 
 
-_decoder = msgspec.json.Decoder(StateChangeEvent | list[StateChangeEvent])
+# Public because gateway._ingest decodes the usual read of a stream with it (the same decode as decode_event_lines).
+DECODER: Final = msgspec.json.Decoder(StateChangeEvent | list[StateChangeEvent])
 _legacy_decoder = msgspec.json.Decoder(_LegacyEvent | list[_LegacyEvent])
 _checks = native.load("_coalesce")  # json_too_deep, compiled when built
 # Events nest 3 deep; msgspec skips unknown members recursively, so a deeper body is refused unread (a hostile
@@ -88,7 +89,7 @@ def decode_body(body: bytes | bytearray | memoryview) -> StateChangeEvent | list
     if _checks.json_too_deep(body, MAX_DEPTH):
         raise EventDecodeError(f"JSON nested deeper than {MAX_DEPTH} levels")
     try:
-        decoded: StateChangeEvent | list[StateChangeEvent] = _decoder.decode(body)
+        decoded: StateChangeEvent | list[StateChangeEvent] = DECODER.decode(body)
         return decoded
     except msgspec.ValidationError:
         pass  # JSON, but not this shape: perhaps an older James's fields
@@ -115,7 +116,7 @@ def decode_event_lines(body: bytes | bytearray | memoryview) -> list[StateChange
     if _checks.json_too_deep(body, MAX_DEPTH):
         raise EventDecodeError(f"JSON nested deeper than {MAX_DEPTH} levels")
     try:
-        decoded: list[Any] = _decoder.decode_lines(body)
+        decoded: list[Any] = DECODER.decode_lines(body)
     except msgspec.ValidationError:
         try:
             decoded = [_legacy(item) for item in _legacy_decoder.decode_lines(body)]
@@ -145,22 +146,24 @@ class EventLines:
     a detail naming the line), and the events of the lines before it are still returned, so that they can be
     published as the answer promises. Nothing is accepted after a failure."""
 
-    __slots__ = ("_limit", "_line", "_pending", "failure")
+    # Public fields: gateway._ingest's Reader takes the usual piece itself when nothing is pending and nothing
+    # failed, and counts its lines in `line`.
+    __slots__ = ("failure", "limit", "line", "pending")
 
     def __init__(self, limit: int) -> None:
-        self._limit = limit
-        self._pending = bytearray()
-        self._line = 0  # lines taken so far (for the number in a failure's detail)
+        self.limit = limit
+        self.pending = bytearray()
+        self.line = 0  # lines taken so far (for the number in a failure's detail)
         self.failure: tuple[int, str] | None = None
 
     def feed(self, data: bytes | bytearray | memoryview) -> list[StateChangeEvent]:
         if self.failure is not None:
             return []
-        pending = self._pending
-        if not pending and isinstance(data, bytes) and data.endswith(b"\n") and len(data) <= self._limit:
+        pending = self.pending
+        if not pending and isinstance(data, bytes) and data.endswith(b"\n") and len(data) <= self.limit:
             # The usual piece of a stream: whole lines, nothing held back, none over the limit.
-            first = self._line
-            self._line = first + data.count(b"\n")
+            first = self.line
+            self.line = first + data.count(b"\n")
             try:
                 return decode_event_lines(data)
             except EventDecodeError:
@@ -168,8 +171,8 @@ class EventLines:
         pending += data
         end = pending.rfind(b"\n")
         if end < 0:
-            if len(pending) > self._limit:
-                self.failure = (413, f"Line {self._line + 1} is longer than {self._limit} bytes")
+            if len(pending) > self.limit:
+                self.failure = (413, f"Line {self.line + 1} is longer than {self.limit} bytes")
             return []
         if end == len(pending) - 1:
             lines = bytes(pending)
@@ -181,21 +184,21 @@ class EventLines:
 
     def end(self) -> list[StateChangeEvent]:
         """The body is complete: the events of a last line without a newline."""
-        if self.failure is not None or not self._pending.strip():
+        if self.failure is not None or not self.pending.strip():
             return []
-        lines, self._pending = bytes(self._pending), bytearray()
+        lines, self.pending = bytes(self.pending), bytearray()
         return self._decode(lines)
 
     def _decode(self, lines: bytes) -> list[StateChangeEvent]:
-        first = self._line
-        self._line += lines.count(b"\n")
-        if len(lines) > self._limit:
+        first = self.line
+        self.line += lines.count(b"\n")
+        if len(lines) > self.limit:
             # Lines that came whole in one piece larger than the limit: each is still held to it.
             parts = lines.split(b"\n")
-            long = next((i for i, part in enumerate(parts) if len(part) > self._limit), None)
+            long = next((i for i, part in enumerate(parts) if len(part) > self.limit), None)
             if long is not None:
                 good = self._decode_from(b"\n".join(parts[:long]), first) if long else []
-                self.failure = self.failure or (413, f"Line {first + long + 1} is longer than {self._limit} bytes")
+                self.failure = self.failure or (413, f"Line {first + long + 1} is longer than {self.limit} bytes")
                 return good
         return self._decode_from(lines, first)
 

@@ -6,27 +6,39 @@ subscribed usernames are handed on, exactly as a broker with per-node bindings w
 
 from __future__ import annotations
 
-from collections.abc import Collection, Sequence
+from collections.abc import Callable, Collection, Sequence
 
+from gateway import native
 from gateway.bus.base import EventHandler, GapHandler
 from gateway.bus.events import StateChangeEvent
 
+impl = native.load("_ingest")  # Dispatch, compiled when built (tests run both modules by replacing it)
+
 
 class MemoryBus:
+    # `publish` without a coroutine (the port's optional synchronous publish): the ingest stream's path. A
+    # compiled callable (gateway._ingest.Dispatch), so that an ingest read reaches the hub with no Python frame.
+    publish_now: Callable[[Sequence[StateChangeEvent]], None]
+
     def __init__(self) -> None:
-        self._handler: EventHandler | None = None
         self._subscribed: set[str] = set()
-        self.published_events = 0
+        self._dispatch = impl.Dispatch(self._subscribed)
+        self.publish_now = self._dispatch
+
+    @property
+    def published_events(self) -> int:
+        published: int = self._dispatch.published
+        return published
 
     @property
     def ready(self) -> bool:
-        return self._handler is not None
+        return self._dispatch.handler is not None
 
     async def start(self, handler: EventHandler, on_gap: GapHandler) -> None:
-        self._handler = handler
+        self._dispatch.handler = handler
 
     async def stop(self) -> None:
-        self._handler = None
+        self._dispatch.handler = None
 
     def subscribe(self, username: str) -> None:
         self._subscribed.add(username)
@@ -45,21 +57,6 @@ class MemoryBus:
 
     async def publish(self, events: Sequence[StateChangeEvent]) -> None:
         self.publish_now(events)
-
-    def publish_now(self, events: Sequence[StateChangeEvent]) -> None:
-        """`publish` without a coroutine (the port's optional synchronous publish): the ingest stream's path."""
-        handler = self._handler
-        if handler is None:
-            return
-        self.published_events += len(events)
-        subscribed = self._subscribed
-        if len(events) == 1:  # the usual read of an ingest stream: no filtered copy
-            if events[0].username in subscribed:
-                handler(events)
-            return
-        wanted = [e for e in events if e.username in subscribed]
-        if wanted:
-            handler(wanted)
 
     def counters(self) -> list[tuple[str, str, float]]:
         return [("published_events", "Events published on the bus", self.published_events)]

@@ -4,8 +4,10 @@ An injector (a James bridge, a benchmark, an operator's script) streams StateCha
 long request. aiohttp would cost every chunk its parser callbacks, a StreamReader and a wake-up of the handler's
 task; here the front protocol hands the connection over after the head, and each read is parsed by llhttp
 (httptools), split into lines, decoded and given to the bus inside the same `data_received` call: on the memory
-bus the pushes are written before the call returns. Only the first request of a connection comes here (the front
-protocol routes first requests); a stream sent after other requests on a kept-alive connection is read by aiohttp
+bus the pushes are written before the call returns. The usual read (whole lines, the body going on) is taken in C
+by gateway._ingest's Reader, with no Python frame from the socket to the hub's Lane; this module has the logic of
+every other read and of the answer. Only the first request of a connection comes here (the front protocol routes
+first requests); a stream sent after other requests on a kept-alive connection is read by aiohttp
 (gateway.transport.http) with the same line rules (gateway.bus.events.EventLines).
 
 Answers: 202 `{"accepted": n}` at the end of the body; a problem-details body (RFC 7807) otherwise: 401/403/404 for
@@ -26,8 +28,9 @@ from typing import Any
 import httptools
 import msgspec
 
+from gateway import native
 from gateway.bus.base import Bus
-from gateway.bus.events import EventLines, StateChangeEvent
+from gateway.bus.events import DECODER, MAX_DEPTH, EventLines, StateChangeEvent
 from gateway.errors import GatewayError, HTTPProblem, Unavailable, problem_of, problem_response
 from gateway.logs import ClientMistakes
 from gateway.transport.front import LINGER, RequestHead
@@ -36,6 +39,7 @@ log = logging.getLogger(__name__)
 
 NDJSON = "application/x-ndjson"
 PATH = "/admin/events"  # also the route label of gateway_http_requests_total, as aiohttp's requests get it
+impl = native.load("_ingest")  # the Reader, compiled when built (tests run both modules by replacing it)
 
 
 def check_admin(token: str | None, authorization: str | None) -> None:
@@ -88,7 +92,7 @@ class IngestService:
         if expect is not None and head.version == "HTTP/1.1":
             transport.write(b"HTTP/1.1 100 Continue\r\n\r\n")  # RFC 9110 §10.1.1
         proto = IngestProtocol(self, transport)
-        transport.set_protocol(proto)
+        transport.set_protocol(proto.reader)  # an asyncio protocol (compiled when built)
         self.streams.add(proto)
         proto.start(head.raw + rest)
 
@@ -100,89 +104,106 @@ class IngestService:
         return len(streams)
 
 
-class IngestProtocol(asyncio.Protocol):
-    """One ingest request, from its head to its answer. llhttp calls the `on_*` methods from `feed_data`."""
+class IngestProtocol:
+    """One ingest request, from its head to its answer. Its `reader` (gateway._ingest, compiled when built) is the
+    connection's asyncio protocol and llhttp's callbacks: it takes the usual read itself (whole lines, the body
+    going on, a synchronous bus) and calls `read`, `take`, `malformed` and `publish_failed` here for the rest."""
 
     def __init__(self, service: IngestService, transport: asyncio.Transport) -> None:
         self._service = service
         self._transport = transport
-        self._parser: httptools.HttpRequestParser | None = httptools.HttpRequestParser(self)
         self._lines = EventLines(service.max_line)
-        self._body: list[bytes] = []  # the body pieces of the current read, split into lines after feed_data
-        self._complete = False
         self._fault: str | None = None  # why llhttp refused the body (answered once the lines before it are in)
         self._publishing = False  # an asynchronous publish is in flight (reading is paused meanwhile)
-        self.accepted = 0
         self.finished = False
-        # The memory bus (and front mode's local injection) take events synchronously: no task per batch.
+        # The memory bus (and front mode's local injection) take events synchronously: no task per batch, and
+        # the reader publishes the usual read itself. Without it every read comes here (`open` is False).
         self._publish_now: Callable[[Sequence[StateChangeEvent]], None] | None = getattr(
             service.bus, "publish_now", None)
+        self.reader = impl.Reader(self, self._lines, self._publish_now, decode=DECODER.decode_lines,
+                                  max_depth=MAX_DEPTH)
+
+    @property
+    def accepted(self) -> int:
+        accepted: int = self.reader.accepted
+        return accepted
 
     def start(self, data: bytes) -> None:
         """Parse the head (again: llhttp needs it) and what followed it, then read on unless that ended it."""
-        self.data_received(data)
+        self.reader.data_received(data)
         if not self.finished and not self._publishing:
             self._transport.resume_reading()
 
-    # --- llhttp's callbacks --------------------------------------------------------------------------------
+    # --- called by the reader ------------------------------------------------------------------------------
 
-    def on_body(self, body: bytes) -> None:
-        self._body.append(body)
-
-    def on_message_complete(self) -> None:
-        self._complete = True
-
-    # --- asyncio -------------------------------------------------------------------------------------------
-
-    def data_received(self, data: bytes) -> None:
+    def read(self, data: bytes) -> None:
+        """A read that the reader does not take (`open` is False): parse and take it here."""
         if self.finished or self._fault is not None:
             return  # a refused stream lingers: what the client still sends is dropped
-        if not self._complete and self._parser is not None:
+        reader = self.reader
+        if not reader.complete and reader.parser is not None:
             try:
-                self._parser.feed_data(data)
+                reader.parser.feed_data(data)
             except httptools.HttpParserError as exc:
-                if not self._complete:  # bytes after the end of the body are ignored: the answer closes
-                    self._service.mistakes.report("ingest-malformed", "event stream: malformed HTTP body: %s", exc)
-                    self._fault = f"Malformed HTTP request body (RFC 9112 §7.1): {exc}"
-        self._take()  # with a fault too: the lines before it arrived whole, and are published
+                self.malformed(exc)
+        self.take()  # with a fault too: the lines before it arrived whole, and are published
 
-    def connection_lost(self, exc: Exception | None) -> None:
-        # A client that goes away mid-stream: what it sent in whole lines was published; nobody is left to answer.
-        self.finished = True
-        self._service.streams.discard(self)
-        self._parser = None  # it holds this protocol's methods: no cycle left for the collector
+    def malformed(self, exc: httptools.HttpParserError) -> None:
+        """llhttp refused the read: the stream fails once the lines before the fault are taken."""
+        if not self.reader.complete:  # bytes after the end of the body are ignored: the answer closes
+            self._service.mistakes.report("ingest-malformed", "event stream: malformed HTTP body: %s", exc)
+            self._fault = f"Malformed HTTP request body (RFC 9112 §7.1): {exc}"
+            self.reader.open = False
 
-    def eof_received(self) -> bool | None:
-        if not self.finished and not self._complete and self._fault is None:
-            self._fault = "The connection ended inside the request body (RFC 9112 §8)"
-            self._settle()
-        return None
-
-    # --- the stream ----------------------------------------------------------------------------------------
-
-    def _take(self) -> None:
+    def take(self) -> None:
         """Publish the complete lines of what was read; answer when the body is complete or a line is bad."""
         lines = self._lines
+        reader = self.reader
         events: list[StateChangeEvent] = []
-        body = self._body
+        body = reader.body
         if body:
             events = lines.feed(body[0] if len(body) == 1 else b"".join(body))
             body.clear()
-        if self._complete and lines.failure is None:
+        if reader.complete and lines.failure is None:
             events += lines.end()
         if events:
             if self._publish_now is not None:
                 try:
                     self._publish_now(events)
-                except GatewayError as exc:
-                    self.fail(exc)
+                except Exception as exc:
+                    self.publish_failed(exc)
                     return
-                self.accepted += len(events)
+                reader.accepted += len(events)
             else:
                 self._publish_later(events)
                 return
-        if self._complete or self._fault is not None or lines.failure is not None:
-            self._settle()  # else the usual read: the stream goes on
+        if reader.complete or self._fault is not None or lines.failure is not None:
+            self._settle()  # else the stream goes on
+
+    def publish_failed(self, exc: Exception) -> None:
+        """The bus refused events (GatewayError: answered with its problem); anything else is a bug, raised."""
+        if not isinstance(exc, GatewayError):
+            raise exc
+        self.fail(exc)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        # A client that goes away mid-stream: what it sent in whole lines was published; nobody is left to answer.
+        # (The reader let go of this protocol and of its parser before calling here: no cycle is left.)
+        self._finish()
+
+    def eof_received(self) -> bool | None:
+        if not self.finished and not self.reader.complete and self._fault is None:
+            self._fault = "The connection ended inside the request body (RFC 9112 §8)"
+            self.reader.open = False
+            self._settle()
+        return None
+
+    # --- the stream ----------------------------------------------------------------------------------------
+
+    def _finish(self) -> None:
+        self.finished = True
+        self.reader.open = False
+        self._service.streams.discard(self)
 
     def _settle(self) -> None:
         failure = self._lines.failure
@@ -192,7 +213,7 @@ class IngestProtocol(asyncio.Protocol):
             self.fail(stopped(status, detail, self.accepted))
         elif self._fault is not None:
             self.fail(stopped(400, self._fault, self.accepted))
-        elif self._complete:
+        elif self.reader.complete:
             self._accepted()
 
     def _publish_later(self, events: list[StateChangeEvent]) -> None:
@@ -216,14 +237,13 @@ class IngestProtocol(asyncio.Protocol):
                                   "before these were published.", headers=problem.headers,
                                   type_uri=problem.type_uri))
             return
-        self.accepted += n
+        self.reader.accepted += n
         self._settle()
         if not self.finished:
             self._transport.resume_reading()
 
     def _accepted(self) -> None:
-        self.finished = True
-        self._service.streams.discard(self)
+        self._finish()
         self._service.count(PATH, 202)
         transport = self._transport
         if transport.is_closing():
@@ -238,8 +258,7 @@ class IngestProtocol(asyncio.Protocol):
         still arriving would otherwise make the kernel reset the connection before the client read the answer."""
         if self.finished:
             return
-        self.finished = True
-        self._service.streams.discard(self)
+        self._finish()
         self._service.count(PATH, problem_of(error).status)
         transport = self._transport
         if transport.is_closing():

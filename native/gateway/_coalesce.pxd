@@ -5,6 +5,10 @@ methods, so that another native module can cimport it by its dotted name (DESIGN
 cimport cython
 
 
+# json_too_deep over a C buffer: whether JSON text nests deeper than `limit` (gateway._ingest's lines).
+cdef bint too_deep(const unsigned char* p, Py_ssize_t n, Py_ssize_t limit) noexcept nogil
+
+
 # UTF-8 decoding state between fragments (RFC 3629 §4): `need` continuation bytes still to come, the first of
 # them in [lo, hi].
 cdef struct Utf8State:

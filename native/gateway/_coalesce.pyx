@@ -179,36 +179,38 @@ def json_too_deep(data, Py_ssize_t limit):
     byte), closers without an opener are ignored, and anything else is left to the JSON decoder. It stops at
     the first bracket past the limit, so hostile input costs at most one pass over the bytes."""
     cdef Py_buffer view
-    cdef const unsigned char* p
-    cdef Py_ssize_t i, n, depth = 0
-    cdef bint in_string = False, too_deep = False
-    cdef unsigned char c
+    cdef bint result
     PyObject_GetBuffer(data, &view, PyBUF_SIMPLE)
     try:
-        p = <const unsigned char*>view.buf
-        n = view.len
         with nogil:
-            i = 0
-            while i < n:
-                c = p[i]
-                if in_string:
-                    if c == 0x5C:  # backslash: the next byte is escaped
-                        i += 1
-                    elif c == 0x22:
-                        in_string = False
-                elif c == 0x22:
-                    in_string = True
-                elif c == 0x5B or c == 0x7B:
-                    depth += 1
-                    if depth > limit:
-                        too_deep = True
-                        break
-                elif (c == 0x5D or c == 0x7D) and depth > 0:
-                    depth -= 1
-                i += 1
+            result = too_deep(<const unsigned char*>view.buf, view.len, limit)
     finally:
         PyBuffer_Release(&view)
-    return too_deep
+    return result
+
+
+cdef bint too_deep(const unsigned char* p, Py_ssize_t n, Py_ssize_t limit) noexcept nogil:
+    """json_too_deep over a C buffer (declared in _coalesce.pxd: gateway._ingest checks its lines with it)."""
+    cdef Py_ssize_t i = 0, depth = 0
+    cdef bint in_string = False
+    cdef unsigned char c
+    while i < n:
+        c = p[i]
+        if in_string:
+            if c == 0x5C:  # backslash: the next byte is escaped
+                i += 1
+            elif c == 0x22:
+                in_string = False
+        elif c == 0x22:
+            in_string = True
+        elif c == 0x5B or c == 0x7B:
+            depth += 1
+            if depth > limit:
+                return True
+        elif (c == 0x5D or c == 0x7D) and depth > 0:
+            depth -= 1
+        i += 1
+    return False
 
 
 @cython.no_gc

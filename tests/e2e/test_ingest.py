@@ -1,6 +1,7 @@
 """The event-ingest stream (`POST /admin/events`, NDJSON, first request of a connection) over real sockets, with
 the request written byte for byte: framing (chunked, Content-Length, malformed), authentication, expectations,
-limits, a client that goes away, a gateway that stops, and the same stream after other requests (aiohttp's path)."""
+limits, a client that goes away, a gateway that stops, and the same stream after other requests (aiohttp's path).
+Every test runs on the compiled ingest read (gateway._ingest) and on its twin."""
 
 from __future__ import annotations
 
@@ -10,13 +11,24 @@ import json
 import pytest
 
 from gateway.app import Gateway
+from gateway.bus import memory
 from gateway.bus.events import STATE_CHANGE_EVENT
 from gateway.directory import account_id_for
+from gateway.transport import ingest
 from tests.conftest import ADMIN, BOB, GatewayFactory, connect
 from tests.e2e.test_push import enable
 from tests.e2e.test_ws_protocol import recv_json
+from tests.native_impl import load_impl
 
 BOB_ID = account_id_for(BOB[0])
+
+
+@pytest.fixture(autouse=True, params=["native", "python"])
+def reader(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The gateways of a test read their streams with the compiled Reader or with its twin."""
+    impl = load_impl("_ingest", request.param)
+    monkeypatch.setattr(ingest, "impl", impl)
+    monkeypatch.setattr(memory, "impl", impl)
 
 
 def line(email: str, user: str = BOB[0]) -> bytes:

@@ -1,0 +1,122 @@
+"""Pure-Python twin of gateway._ingest (native/gateway/_ingest.pyx): the usual read of an ingest stream and the
+memory bus's synchronous publish, with the same behaviour; the compiled module is the one that runs when built."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import httptools
+
+from gateway._coalesce_py import json_too_deep
+
+
+class Reader:
+    """The protocol of one ingest connection: the usual read here, the rest in `owner` (an IngestProtocol)."""
+
+    def __init__(self, owner: Any, lines: Any, publish: Callable[[list[Any]], None] | None, *,
+                 decode: Callable[[bytes], list[Any]], max_depth: int) -> None:
+        self._owner = owner
+        self._lines = lines
+        self._publish = publish
+        self._decode = decode
+        self._limit: int = lines.limit
+        self._depth = max_depth
+        self.body: list[bytes] = []
+        self.complete = False
+        self.open = publish is not None
+        self.accepted = 0
+        self.parser: httptools.HttpRequestParser | None = httptools.HttpRequestParser(self)
+
+    def on_body(self, body: bytes) -> None:
+        self.body.append(body)
+
+    def on_message_complete(self) -> None:
+        self.complete = True
+
+    def data_received(self, data: bytes) -> None:
+        if not self.open:
+            self._owner.read(data)
+            return
+        try:
+            self.parser.feed_data(data)  # type: ignore[union-attr]  # open: the parser is there
+        except httptools.HttpParserError as exc:
+            self._owner.malformed(exc)
+        if not self._usual():
+            self._owner.take()
+
+    def eof_received(self) -> bool | None:
+        result: bool | None = self._owner.eof_received()
+        return result
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        owner = self._owner
+        self._owner = None
+        self.parser = None
+        owner.connection_lost(exc)
+
+    def pause_writing(self) -> None:
+        pass
+
+    def resume_writing(self) -> None:
+        pass
+
+    def _usual(self) -> bool:
+        body = self.body
+        if not self.open or self.complete or len(body) != 1:
+            return False
+        lines = self._lines
+        if lines.failure is not None or len(lines.pending) != 0:
+            return False
+        piece = body[0]
+        n = len(piece)
+        if n == 0 or n > self._limit or piece[n - 1] != 0x0A:
+            return False
+        if json_too_deep(piece, self._depth):
+            return False
+        try:
+            decoded = self._decode(piece)
+        except Exception:
+            return False
+        events = decoded
+        if any(type(item) is list for item in decoded):
+            events = []
+            for item in decoded:
+                if type(item) is list:
+                    events.extend(item)
+                else:
+                    events.append(item)
+        lines.line = lines.line + piece.count(b"\n")
+        body.clear()
+        if not events:
+            return True
+        try:
+            self._publish(events)  # type: ignore[misc]  # open: there is a publish_now
+        except Exception as exc:
+            self._owner.publish_failed(exc)
+            return True
+        self.accepted += len(events)
+        return True
+
+
+class Dispatch:
+    """The memory bus's `publish_now`: the events of subscribed usernames go to `handler`."""
+
+    def __init__(self, subscribed: set[str]) -> None:
+        self._subscribed = subscribed
+        self.handler: Callable[[Sequence[Any]], None] | None = None
+        self.published = 0
+
+    def __call__(self, events: Sequence[Any]) -> None:
+        handler = self.handler
+        if handler is None:
+            return
+        self.published += len(events)
+        subscribed = self._subscribed
+        if len(events) == 1:
+            if events[0].username in subscribed:
+                handler(events)
+            return
+        wanted = [e for e in events if e.username in subscribed]
+        if wanted:
+            handler(wanted)

@@ -1,0 +1,155 @@
+# cython: language_level=3
+"""The compiled ingest read: the usual read of an NDJSON event stream, from the socket to the bus, with no Python
+frame; and the memory bus's synchronous publish.
+
+`Reader` is the asyncio protocol of an ingest connection (gateway.transport.ingest). For the usual read of a
+stream (its body goes on, the read brings whole lines and nothing is held back from the read before) it parses the
+framing with llhttp (httptools calls `on_body` here), checks the depth (gateway._coalesce), decodes the lines with
+msgspec into StateChangeEvents and hands them to the bus's `publish_now`; every other read (a partial line, the
+end of the body, a bad line or framing, a broker bus, a finished stream) goes to the Python protocol that owns
+it, which has the whole logic. `Dispatch` is the memory bus's `publish_now` (gateway.bus.memory): it hands the
+subscribed usernames' events to the bus handler (the hub's Lane, also C).
+
+Its pure-Python twin with identical behaviour is gateway._ingest_py; tests/unit/test_ingest_reader.py and
+tests/e2e/test_ingest.py run the same tests on both.
+"""
+
+from gateway._coalesce cimport too_deep
+
+import httptools
+
+_ParserError = httptools.HttpParserError
+
+
+cdef class Reader:
+    """The protocol of one ingest connection: the usual read here, the rest in `owner` (an IngestProtocol).
+
+    `open` says the usual read may be taken here: the owner sets it False, for good, when the stream finishes,
+    fails or publishes asynchronously (a broker bus); every read then goes to `owner.read(data)`.
+    """
+
+    # Fields are declared in _ingest.pxd.
+
+    def __init__(self, owner, lines, publish, *, decode, Py_ssize_t max_depth):
+        self._owner = owner
+        self._lines = lines
+        self._publish = publish
+        self._decode = decode
+        self._limit = lines.limit
+        self._depth = max_depth
+        self.body = []
+        self.complete = False
+        self.open = publish is not None
+        self.accepted = 0
+        self.parser = httptools.HttpRequestParser(self)
+
+    # --- llhttp's callbacks --------------------------------------------------------------------------------
+
+    def on_body(self, bytes body):
+        self.body.append(body)
+
+    def on_message_complete(self):
+        self.complete = True
+
+    # --- asyncio -------------------------------------------------------------------------------------------
+
+    def data_received(self, data):
+        if not self.open:
+            self._owner.read(data)
+            return
+        try:
+            self.parser.feed_data(data)
+        except _ParserError as exc:
+            self._owner.malformed(exc)  # closes `open`; the lines before the fault are still taken below
+        if not self._usual():
+            self._owner.take()
+
+    def eof_received(self):
+        return self._owner.eof_received()
+
+    def connection_lost(self, exc):
+        # The last call of the connection: let go of the owner and the parser (both refer back to this reader),
+        # so that a closed stream leaves no cycle for the collector.
+        owner = self._owner
+        self._owner = None
+        self.parser = None
+        owner.connection_lost(exc)
+
+    def pause_writing(self):
+        pass  # only the answer is written, once, and the connection closes after it
+
+    def resume_writing(self):
+        pass
+
+    # --- the usual read ------------------------------------------------------------------------------------
+
+    cdef bint _usual(self) except -1:
+        """Publish the read's lines when it is the usual read (True); else leave everything untouched (False)."""
+        cdef list body = self.body
+        if not self.open or self.complete or len(body) != 1:
+            return False
+        lines = self._lines
+        if lines.failure is not None or len(lines.pending) != 0:
+            return False
+        cdef bytes piece = <bytes>body[0]
+        cdef Py_ssize_t n = len(piece), i, count = 0
+        cdef const unsigned char* p = <const unsigned char*>piece
+        if n == 0 or n > self._limit or p[n - 1] != 0x0A:
+            return False
+        if too_deep(p, n, self._depth):
+            return False  # the owner's path refuses it with the line's number
+        try:
+            decoded = self._decode(piece)
+        except Exception:
+            return False  # an older James's fields, or a bad line: the owner's path decodes again and says which
+        events = decoded
+        for item in <list>decoded:
+            if type(item) is list:
+                events = []
+                for item2 in <list>decoded:
+                    if type(item2) is list:
+                        events.extend(<list>item2)
+                    else:
+                        events.append(item2)
+                break
+        with nogil:
+            for i in range(n):
+                if p[i] == 0x0A:
+                    count += 1
+        lines.line = lines.line + count
+        body.clear()
+        if len(<list>events) == 0:
+            return True
+        try:
+            self._publish(events)
+        except Exception as exc:
+            self._owner.publish_failed(exc)
+            return True
+        self.accepted += len(<list>events)
+        return True
+
+
+cdef class Dispatch:
+    """The memory bus's `publish_now`: the events of subscribed usernames go to `handler` (None: the bus is
+    stopped, and nothing goes anywhere). `published` counts every event offered."""
+
+    # Fields are declared in _ingest.pxd.
+
+    def __init__(self, set subscribed):
+        self._subscribed = subscribed
+        self.handler = None
+        self.published = 0
+
+    def __call__(self, events):
+        handler = self.handler
+        if handler is None:
+            return
+        self.published += len(events)
+        cdef set subscribed = self._subscribed
+        if len(events) == 1:  # the usual read of an ingest stream: no filtered copy
+            if events[0].username in subscribed:
+                handler(events)
+            return
+        wanted = [e for e in events if e.username in subscribed]
+        if wanted:
+            handler(wanted)
