@@ -63,30 +63,26 @@ class Reader:
 
     def _usual(self) -> bool:
         body = self.body
-        if not self.open or self.complete or len(body) != 1:
+        count = [0]
+        if not self.open or self.complete or not body:
             return False
         lines = self._lines
         if lines.failure is not None or len(lines.pending) != 0:
             return False
-        piece = body[0]
-        n = len(piece)
-        if n == 0 or n > self._limit or piece[n - 1] != 0x0A:
-            return False
-        if json_too_deep(piece, self._depth):
-            return False
-        try:
-            decoded = self._decode(piece)
-        except Exception:
-            return False
-        events = decoded
-        if any(type(item) is list for item in decoded):
+        if len(body) == 1:
+            events = self._lines_of(body[0], count)
+            if events is None:
+                return False
+        else:
             events = []
-            for item in decoded:
-                if type(item) is list:
-                    events.extend(item)
-                else:
-                    events.append(item)
-        lines.line = lines.line + piece.count(b"\n")
+            for piece in body:
+                decoded = self._lines_of(piece, count)
+                if decoded is None:
+                    return False
+                events.extend(decoded)
+        if any(type(item) is list for item in events):
+            events = _flat(events)
+        lines.line = lines.line + count[0]
         body.clear()
         if not events:
             return True
@@ -97,6 +93,29 @@ class Reader:
             return True
         self.accepted += len(events)
         return True
+
+    def _lines_of(self, piece: bytes, count: list[int]) -> list[Any] | None:
+        n = len(piece)
+        if n == 0 or n > self._limit or piece[n - 1] != 0x0A:
+            return None
+        if json_too_deep(piece, self._depth):
+            return None
+        try:
+            decoded = self._decode(piece)
+        except Exception:
+            return None
+        count[0] += piece.count(b"\n")
+        return decoded
+
+
+def _flat(decoded: list[Any]) -> list[Any]:
+    events: list[Any] = []
+    for item in decoded:
+        if type(item) is list:
+            events.extend(item)
+        else:
+            events.append(item)
+    return events
 
 
 class Dispatch:

@@ -17,6 +17,7 @@ cdef class Reader:
     cdef Py_ssize_t _depth       # the deepest JSON nesting a line may have
 
     cdef bint _usual(self) except -1
+    cdef list _lines_of(self, bytes piece, Py_ssize_t* count)
 
 
 cdef class Dispatch:

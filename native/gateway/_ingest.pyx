@@ -84,38 +84,32 @@ cdef class Reader:
     # --- the usual read ------------------------------------------------------------------------------------
 
     cdef bint _usual(self) except -1:
-        """Publish the read's lines when it is the usual read (True); else leave everything untouched (False)."""
+        """Publish the read's lines when it is the usual read (True); else leave everything untouched (False).
+
+        The usual read: the body goes on, nothing is held back from the read before, and every body piece of this
+        read (one per chunk) ends a line. Its events are published as one batch, as the owner's path would."""
         cdef list body = self.body
-        if not self.open or self.complete or len(body) != 1:
+        cdef Py_ssize_t count = 0
+        if not self.open or self.complete or len(body) == 0:
             return False
         lines = self._lines
         if lines.failure is not None or len(lines.pending) != 0:
             return False
-        cdef bytes piece = <bytes>body[0]
-        cdef Py_ssize_t n = len(piece), i, count = 0
-        cdef const unsigned char* p = <const unsigned char*>piece
-        if n == 0 or n > self._limit or p[n - 1] != 0x0A:
-            return False
-        if too_deep(p, n, self._depth):
-            return False  # the owner's path refuses it with the line's number
-        try:
-            decoded = self._decode(piece)
-        except Exception:
-            return False  # an older James's fields, or a bad line: the owner's path decodes again and says which
-        events = decoded
-        for item in <list>decoded:
-            if type(item) is list:
-                events = []
-                for item2 in <list>decoded:
-                    if type(item2) is list:
-                        events.extend(<list>item2)
-                    else:
-                        events.append(item2)
+        if len(body) == 1:
+            events = self._lines_of(<bytes>body[0], &count)
+            if events is None:
+                return False
+        else:  # several chunks in one read (a busy injector): decode each, publish them together
+            events = []
+            for piece in body:
+                decoded = self._lines_of(<bytes>piece, &count)
+                if decoded is None:
+                    return False
+                (<list>events).extend(<list>decoded)
+        for item in <list>events:
+            if type(item) is list:  # a line that is an array of events
+                events = _flat(<list>events)
                 break
-        with nogil:
-            for i in range(n):
-                if p[i] == 0x0A:
-                    count += 1
         lines.line = lines.line + count
         body.clear()
         if len(<list>events) == 0:
@@ -127,6 +121,38 @@ cdef class Reader:
             return True
         self.accepted += len(<list>events)
         return True
+
+    cdef list _lines_of(self, bytes piece, Py_ssize_t* count):
+        """The decoded lines of a piece of whole lines (adding its newlines to `count`), or None when the piece is
+        not that (a partial line, one over the limit, too deep, or a line that msgspec refuses: the owner's path
+        reads it again and says which line)."""
+        cdef Py_ssize_t n = len(piece), i, newlines = 0
+        cdef const unsigned char* p = <const unsigned char*>piece
+        if n == 0 or n > self._limit or p[n - 1] != 0x0A:
+            return None
+        if too_deep(p, n, self._depth):
+            return None
+        try:
+            decoded = self._decode(piece)
+        except Exception:
+            return None  # an older James's fields, or a bad line
+        with nogil:
+            for i in range(n):
+                if p[i] == 0x0A:
+                    newlines += 1
+        count[0] += newlines
+        return <list>decoded
+
+
+cdef list _flat(list decoded):
+    """Lines that are arrays of events spread into one list of events."""
+    cdef list events = []
+    for item in decoded:
+        if type(item) is list:
+            events.extend(<list>item)
+        else:
+            events.append(item)
+    return events
 
 
 cdef class Dispatch:

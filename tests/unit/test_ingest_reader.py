@@ -116,7 +116,7 @@ HEAD = b"POST /admin/events HTTP/1.1\r\nHost: x\r\nContent-Type: application/x-n
 def lines(draw: st.DrawFn) -> bytes:
     n = draw(st.integers(0, 99))
     user = draw(st.sampled_from(USERS))
-    kind = draw(st.sampled_from(["event"] * 8 + ["array", "legacy", "blank", "bad", "deep", "long", "other"]))
+    kind = draw(st.sampled_from(["event"] * 24 + ["array", "legacy", "blank", "bad", "deep", "long", "other"]))
     if kind == "event":
         return json.dumps(event(user, n)).encode()
     if kind == "array":
@@ -149,9 +149,9 @@ def streams(draw: st.DrawFn) -> tuple[list[bytes], bool]:
         parts = [HEAD + b"Content-Length: %d\r\n\r\n" % len(body), *body_lines]
     else:
         ends = [len(b"".join(body_lines[:k + 1])) for k in range(len(body_lines))]
-        at_line_ends = bool(ends) and draw(st.booleans())
+        at_line_ends = bool(ends) and draw(st.integers(0, 3)) > 0
         cut = st.sampled_from(ends) if at_line_ends else st.integers(0, len(body))
-        cuts = sorted(set(draw(st.lists(cut, max_size=5))))
+        cuts = sorted(set(draw(st.lists(cut, max_size=8))))
         pieces = [body[a:b] for a, b in zip([0, *cuts], [*cuts, len(body)], strict=True)]
         parts = [HEAD + b"Transfer-Encoding: chunked\r\n\r\n"]
         for i, piece in enumerate(pieces):
@@ -163,10 +163,15 @@ def streams(draw: st.DrawFn) -> tuple[list[bytes], bool]:
     raw = b"".join(parts)
     if draw(st.integers(0, 3)) == 0:
         raw = raw[:draw(st.integers(len(HEAD), len(raw)))]  # cut short
-    if draw(st.booleans()):  # a read per part, as an injector's writes usually arrive
-        reads, total = [], 0
+    if draw(st.booleans()):  # a read per part or per few parts, as an injector's writes usually arrive
+        reads: list[bytes] = []
+        total = 0
         for part in parts:
-            reads.append(raw[total:total + len(part)])
+            piece = raw[total:total + len(part)]
+            if len(reads) > 1 and draw(st.booleans()):
+                reads[-1] += piece  # several chunks in one read
+            else:
+                reads.append(piece)
             total += len(part)
     else:
         splits = sorted(draw(st.lists(st.integers(1, max(1, len(raw) - 1)), max_size=8)))
@@ -184,8 +189,11 @@ def test_the_usual_read_is_taken_by_the_reader(module: ModuleType) -> None:
         for n in range(3):
             line = json.dumps(event(USERS[n % 2], n)).encode() + b"\n"
             run.proto.reader.data_received(b"%x\r\n%s\r\n" % (len(line), line))
+        two = b"".join(json.dumps(event(USERS[0], n)).encode() + b"\n" for n in (3, 4))
+        run.proto.reader.data_received(b"%x\r\n%s\r\n" % (len(two), two) * 2)  # two chunks in one read
         assert taken == []  # no read went to the protocol's Python path
-        assert [b[0][2] for b in run.batches] == ["e0", "e1", "e2"] and run.proto.accepted == 3
+        assert [[e[2] for e in b] for b in run.batches] == [["e0"], ["e1"], ["e2"], ["e3", "e4", "e3", "e4"]]
+        assert run.proto.accepted == 7
         run.proto.reader.data_received(b"5\r\n{\"use\r\n")  # a partial line: the protocol's path
         assert taken == ["take"]
 
