@@ -28,6 +28,7 @@ from gateway.gcpolicy import PAUSE_BOUNDS, GcPolicy
 from gateway.logs import ClientMistakes, PicowsLog
 from gateway.metrics import Metrics, counter, counters, gauge, histogram
 from gateway.session import Session
+from gateway.transport import ingest
 from gateway.transport.front import FrontProtocol, RequestHead, UpgradeHandler
 from gateway.transport.http import HttpServices, build_app, connection_factory
 from gateway.transport.ingest import IngestService, is_ingest
@@ -135,9 +136,9 @@ class Gateway:
                               "GATEWAY_PORT", "0 = any free port", exc) from None
         self.port = self._server.sockets[0].getsockname()[1]
         self.gc.start()
-        log.info("listening on %s:%d (role: %s, coalescer: %s, broadcast: %s, bus: %s, node %s)", self.settings.host,
-                 self.port, self.role.name, impl_name(self.coalesce), impl_name(self.broadcast), self.settings.bus,
-                 self.node_id)
+        log.info("listening on %s:%d (role: %s, coalescer: %s, broadcast: %s, ingest: %s, bus: %s, node %s)",
+                 self.settings.host, self.port, self.role.name, impl_name(self.coalesce), impl_name(self.broadcast),
+                 impl_name(ingest.impl), self.settings.bus, self.node_id)
 
     async def stop(self, grace: float | None = None) -> Drained:
         """Stop accepting, finish in-flight requests, close every socket with 1001 (RFC 6455 §7.4.1), then the
