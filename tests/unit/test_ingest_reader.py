@@ -79,7 +79,8 @@ class Run:
         self.service.streams.add(self.proto)
         if not fast:
             self.proto.reader.open = False
-        self.module = module
+        # The module under test reads the stream and filters the bus.
+        assert type(self.proto.reader).__module__ == type(bus._dispatch).__module__ == module.__name__
 
     def _record(self, events: Any) -> None:
         if self._fail_publish and len(self.batches) == 1:
