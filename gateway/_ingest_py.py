@@ -12,7 +12,7 @@ from gateway._coalesce_py import json_too_deep
 
 
 class Reader:
-    """The protocol of one ingest connection: the usual read here, the rest in `owner` (an IngestProtocol)."""
+    """The protocol of one ingest connection: every read parsed here, the usual one also published here."""
 
     def __init__(self, owner: Any, lines: Any, publish: Callable[[list[Any]], None] | None, *,
                  decode: Callable[[bytes], list[Any]], max_depth: int) -> None:
@@ -24,7 +24,7 @@ class Reader:
         self._depth = max_depth
         self.body: list[bytes] = []
         self.complete = False
-        self.open = publish is not None
+        self.open = True
         self.accepted = 0
         self.parser: httptools.HttpRequestParser | None = httptools.HttpRequestParser(self)
 
@@ -36,12 +36,12 @@ class Reader:
 
     def data_received(self, data: bytes) -> None:
         if not self.open:
-            self._owner.read(data)
             return
-        try:
-            self.parser.feed_data(data)  # type: ignore[union-attr]  # open: the parser is there
-        except httptools.HttpParserError as exc:
-            self._owner.malformed(exc)
+        if not self.complete and self.parser is not None:
+            try:
+                self.parser.feed_data(data)
+            except httptools.HttpParserError as exc:
+                self._owner.malformed(exc)
         if not self._usual():
             self._owner.take()
 
@@ -64,7 +64,7 @@ class Reader:
     def _usual(self) -> bool:
         body = self.body
         count = [0]
-        if not self.open or self.complete or not body:
+        if not self.open or self._publish is None or self.complete or not body:
             return False
         lines = self._lines
         if lines.failure is not None or len(lines.pending) != 0:
@@ -87,7 +87,7 @@ class Reader:
         if not events:
             return True
         try:
-            self._publish(events)  # type: ignore[misc]  # open: there is a publish_now
+            self._publish(events)
         except Exception as exc:
             self._owner.publish_failed(exc)
             return True

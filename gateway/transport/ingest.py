@@ -106,8 +106,9 @@ class IngestService:
 
 class IngestProtocol:
     """One ingest request, from its head to its answer. Its `reader` (gateway._ingest, compiled when built) is the
-    connection's asyncio protocol and llhttp's callbacks: it takes the usual read itself (whole lines, the body
-    going on, a synchronous bus) and calls `read`, `take`, `malformed` and `publish_failed` here for the rest."""
+    connection's asyncio protocol and llhttp's callbacks: it parses every read and publishes the usual one itself
+    (whole lines, the body going on, a synchronous bus); for the others it calls `take` here, and `malformed` and
+    `publish_failed` when the framing or the bus refuses."""
 
     def __init__(self, service: IngestService, transport: asyncio.Transport) -> None:
         self._service = service
@@ -117,7 +118,7 @@ class IngestProtocol:
         self._publishing = False  # an asynchronous publish is in flight (reading is paused meanwhile)
         self.finished = False
         # The memory bus (and front mode's local injection) take events synchronously: no task per batch, and
-        # the reader publishes the usual read itself. Without it every read comes here (`open` is False).
+        # the reader publishes the usual read itself. Without it every read's lines come to `take`.
         self._publish_now: Callable[[Sequence[StateChangeEvent]], None] | None = getattr(
             service.bus, "publish_now", None)
         self.reader = impl.Reader(self, self._lines, self._publish_now, decode=DECODER.decode_lines,
@@ -136,18 +137,6 @@ class IngestProtocol:
 
     # --- called by the reader ------------------------------------------------------------------------------
 
-    def read(self, data: bytes) -> None:
-        """A read that the reader does not take (`open` is False): parse and take it here."""
-        if self.finished or self._fault is not None:
-            return  # a refused stream lingers: what the client still sends is dropped
-        reader = self.reader
-        if not reader.complete and reader.parser is not None:
-            try:
-                reader.parser.feed_data(data)
-            except httptools.HttpParserError as exc:
-                self.malformed(exc)
-        self.take()  # with a fault too: the lines before it arrived whole, and are published
-
     def malformed(self, exc: httptools.HttpParserError) -> None:
         """llhttp refused the read: the stream fails once the lines before the fault are taken."""
         if not self.reader.complete:  # bytes after the end of the body are ignored: the answer closes
@@ -156,7 +145,8 @@ class IngestProtocol:
             self.reader.open = False
 
     def take(self) -> None:
-        """Publish the complete lines of what was read; answer when the body is complete or a line is bad."""
+        """Publish the complete lines of what was read; answer when the body is complete or a line is bad. With a
+        fault too: the lines before it arrived whole, and are published."""
         lines = self._lines
         reader = self.reader
         events: list[StateChangeEvent] = []

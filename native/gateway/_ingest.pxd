@@ -7,9 +7,9 @@ cdef class Reader:
     cdef public object parser    # httptools.HttpRequestParser calling on_body/on_message_complete, or None
     cdef public list body        # the body pieces of the current read
     cdef public bint complete    # llhttp saw the end of the body
-    cdef public bint open        # the usual read may be taken here (the owner closes it for good)
+    cdef public bint open        # reads are taken (the owner closes it for good when the stream ends)
     cdef public Py_ssize_t accepted  # events published so far
-    cdef object _owner           # gateway.transport.ingest.IngestProtocol: every other read
+    cdef object _owner           # gateway.transport.ingest.IngestProtocol: every other read's lines
     cdef object _lines           # gateway.bus.events.EventLines: its pending bytes, failure and line count
     cdef object _publish         # the bus's publish_now, or None
     cdef object _decode          # msgspec's decode_lines into StateChangeEvent | list[StateChangeEvent]

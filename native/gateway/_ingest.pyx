@@ -22,10 +22,12 @@ _ParserError = httptools.HttpParserError
 
 
 cdef class Reader:
-    """The protocol of one ingest connection: the usual read here, the rest in `owner` (an IngestProtocol).
+    """The protocol of one ingest connection: every read parsed here, the usual one also published here, the
+    rest taken by `owner` (an IngestProtocol).
 
-    `open` says the usual read may be taken here: the owner sets it False, for good, when the stream finishes,
-    fails or publishes asynchronously (a broker bus); every read then goes to `owner.read(data)`.
+    `open` says reads are taken at all: the owner sets it False, for good, when the stream finishes or fails, and
+    what the client still sends is then dropped. The usual read is published here only when the bus has a
+    synchronous publish (`publish` is not None); on a broker bus every read goes to `owner.take()`.
     """
 
     # Fields are declared in _ingest.pxd.
@@ -39,7 +41,7 @@ cdef class Reader:
         self._depth = max_depth
         self.body = []
         self.complete = False
-        self.open = publish is not None
+        self.open = True
         self.accepted = 0
         self.parser = httptools.HttpRequestParser(self)
 
@@ -55,12 +57,12 @@ cdef class Reader:
 
     def data_received(self, data):
         if not self.open:
-            self._owner.read(data)
-            return
-        try:
-            self.parser.feed_data(data)
-        except _ParserError as exc:
-            self._owner.malformed(exc)  # closes `open`; the lines before the fault are still taken below
+            return  # a refused or answered stream lingers: what the client still sends is dropped
+        if not self.complete and self.parser is not None:
+            try:
+                self.parser.feed_data(data)
+            except _ParserError as exc:
+                self._owner.malformed(exc)  # closes `open`; the lines before the fault are still taken below
         if not self._usual():
             self._owner.take()
 
@@ -90,7 +92,7 @@ cdef class Reader:
         read (one per chunk) ends a line. Its events are published as one batch, as the owner's path would."""
         cdef list body = self.body
         cdef Py_ssize_t count = 0
-        if not self.open or self.complete or len(body) == 0:
+        if not self.open or self._publish is None or self.complete or len(body) == 0:
             return False
         lines = self._lines
         if lines.failure is not None or len(lines.pending) != 0:
